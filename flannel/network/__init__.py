@@ -1,0 +1,1 @@
+"""Per-network loop (acquire, renew, watch, re-acquire), single and multi network, subnet.env."""

@@ -1,0 +1,1 @@
+"""Contracts and lease policy: models, config, key schema, SubnetManager, etcd registry."""

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Install the Debian packages flanneld's build, demo and tests need, only those missing.
+set -euo pipefail
+
+need=()
+have_cmd() { command -v "$1" >/dev/null 2>&1; }
+have_cmd etcd     || need+=(etcd-server)
+have_cmd ip       || need+=(iproute2)
+have_cmd iptables || need+=(iptables)
+have_cmd iperf3   || need+=(iperf3)
+have_cmd ping     || need+=(iputils-ping)
+have_cmd cc       || need+=(gcc libc6-dev)
+have_cmd make     || need+=(make)
+python=${PYTHON:-python3}
+"$python" -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
+"$python" - <<'PY' 2>/dev/null || need+=(python3-dev)
+import os, sysconfig, sys
+sys.exit(0 if os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")) else 1)
+PY
+
+if [ ${#need[@]} -eq 0 ]; then
+    exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+    echo "missing Debian packages: ${need[*]} (run as root, or install them: apt-get install ${need[*]})" >&2
+    exit 1
+fi
+echo "installing Debian packages: ${need[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -q >/dev/null
+apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
