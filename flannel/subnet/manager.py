@@ -24,9 +24,12 @@ class SubnetManager(ABC):
         """Raises ConfigError (bad or missing config), NotFoundError, RegistryError."""
 
     @abstractmethod
-    def acquire_lease(self, network: str, attrs: LeaseAttrs) -> Lease:
-        """Reuse our lease (matched by PublicIP) or allocate a free subnet.
-        Raises LeaseError when out of subnets, RegistryError when the store fails."""
+    def acquire_lease(
+        self, network: str, attrs: LeaseAttrs, prefer: Optional[IPv4Network] = None
+    ) -> Lease:
+        """Reuse our lease (matched by PublicIP) or allocate a free subnet, trying `prefer`
+        first when it is in range and free (a subnet from an existing subnet file, or one just
+        lost). Raises LeaseError when out of subnets, RegistryError when the store fails."""
 
     @abstractmethod
     def renew_lease(self, network: str, lease: Lease) -> Lease:
