@@ -7,9 +7,11 @@ safe. Failures are raised as BackendError naming the object and the operation.
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
-from ipaddress import IPv4Address, IPv4Network, ip_address
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, ip_address
 from typing import Optional
 
 from pyroute2 import IPRoute
@@ -22,6 +24,9 @@ log = logging.getLogger(__name__)
 
 _LINK_LOCAL = IPv4Network("169.254.0.0/16")
 MAIN_TABLE = 254
+RTN_UNICAST = 1
+RTNH_F_ONLINK = 4
+IFF_UP = 1
 
 
 def _ipr() -> IPRoute:
@@ -117,3 +122,190 @@ def lookup_external_interface(iface: Optional[str], public_ip: Optional[str]) ->
 def netlink_error(action: str, exc: NetlinkError) -> BackendError:
     """A BackendError naming the failed operation and the kernel's reason."""
     return BackendError(f"failed to {action}: {exc.args[1] if len(exc.args) > 1 else exc}")
+
+
+def _nl_call(action: str, fn, *args, **kwargs):
+    """Run one pyroute2 call, turning a kernel refusal into a BackendError naming `action`."""
+    try:
+        return fn(*args, **kwargs)
+    except NetlinkError as exc:
+        raise netlink_error(action, exc) from exc
+
+
+def _ignore_missing(exc: NetlinkError) -> bool:
+    # deleting what is already gone is success for an idempotent remove
+    return exc.code in (errno.ENOENT, errno.ESRCH, errno.ENODEV, errno.EADDRNOTAVAIL)
+
+
+# ---------------------------------------------------------------------------
+# links and addresses
+
+
+def link_index(name: str) -> Optional[int]:
+    """The index of the link called `name`, or None when there is none."""
+    with _ipr() as ipr:
+        found = ipr.link_lookup(ifname=name)
+    return found[0] if found else None
+
+
+def _get_link(ipr: IPRoute, index: int):
+    try:
+        return ipr.get_links(index)[0]
+    except NetlinkError as exc:
+        raise netlink_error(f"find link #{index}", exc) from exc
+
+
+def link_mac(index: int) -> str:
+    """The link's MAC address as lower-case aa:bb:cc:dd:ee:ff."""
+    with _ipr() as ipr:
+        return _get_link(ipr, index).get("IFLA_ADDRESS")
+
+
+def link_mtu(index: int) -> int:
+    with _ipr() as ipr:
+        return _get_link(ipr, index).get("IFLA_MTU")
+
+
+def ensure_link_up(index: int, mtu: Optional[int] = None) -> None:
+    """Set the link administratively up and, when given, its MTU; no-op when already so."""
+    with _ipr() as ipr:
+        link = _get_link(ipr, index)
+        name = link.get("IFLA_IFNAME")
+        if mtu is not None and link.get("IFLA_MTU") != mtu:
+            _nl_call(f"set MTU {mtu} on {name}", ipr.link, "set", index=index, mtu=mtu)
+            log.info("set MTU of %s to %d", name, mtu)
+        if not link["flags"] & IFF_UP:
+            _nl_call(f"set {name} up", ipr.link, "set", index=index, state="up")
+            log.info("set %s up", name)
+
+
+def ensure_address(index: int, addr: IPv4Interface, exclusive: bool = True) -> None:
+    """Put `addr` on the link; with `exclusive`, remove the link's other IPv4 addresses
+    (a lease change must not leave the old address behind)."""
+    with _ipr() as ipr:
+        present = False
+        for local, prefixlen, _peer in _ipv4_addrs(ipr, index):
+            if local == addr.ip and prefixlen == addr.network.prefixlen:
+                present = True
+            elif exclusive:
+                _nl_call(
+                    f"remove address {local}/{prefixlen} from link #{index}",
+                    ipr.addr, "del", index=index, address=str(local), prefixlen=prefixlen,
+                )
+                log.info("removed stale address %s/%d from link #%d", local, prefixlen, index)
+        if not present:
+            _nl_call(
+                f"add address {addr} to link #{index}",
+                ipr.addr, "add", index=index, address=str(addr.ip), prefixlen=addr.network.prefixlen,
+            )
+            log.info("added address %s to link #%d", addr, index)
+
+
+def connected_networks(index: int) -> list:
+    """The IPv4 networks directly attached to the link (its addresses' prefixes)."""
+    with _ipr() as ipr:
+        return [
+            IPv4Interface((local, prefixlen)).network
+            for local, prefixlen, _peer in _ipv4_addrs(ipr, index)
+        ]
+
+
+# ---------------------------------------------------------------------------
+# routes (main table, IPv4)
+
+
+@dataclass(frozen=True)
+class Route:
+    dst: IPv4Network
+    oif: Optional[int]
+    gateway: Optional[IPv4Address]
+    onlink: bool
+
+
+def _route_of(msg) -> Route:
+    dst = msg.get("RTA_DST") or "0.0.0.0"
+    gw = msg.get("RTA_GATEWAY")
+    return Route(
+        dst=IPv4Network((dst, msg["dst_len"])),
+        oif=msg.get("RTA_OIF"),
+        gateway=IPv4Address(gw) if gw else None,
+        onlink=bool(msg["flags"] & RTNH_F_ONLINK),
+    )
+
+
+def list_routes(oif: Optional[int] = None, dst: Optional[IPv4Network] = None) -> list:
+    """Unicast routes of the main table, optionally only those via link `oif` or to `dst`."""
+    with _ipr() as ipr:
+        msgs = ipr.route("dump", family=socket.AF_INET, table=MAIN_TABLE)
+        routes = [_route_of(m) for m in msgs if m["type"] == RTN_UNICAST]
+    return [
+        r for r in routes
+        if (oif is None or r.oif == oif) and (dst is None or r.dst == dst)
+    ]
+
+
+def ensure_route(
+    dst: IPv4Network,
+    oif: int,
+    gateway: Optional[IPv4Address] = None,
+    onlink: bool = False,
+) -> bool:
+    """Make the main table route `dst` via `gateway` on link `oif`. A route to `dst` that
+    differs is replaced. Returns True when the kernel was changed."""
+    want = Route(dst, oif, gateway, onlink)
+    current = list_routes(dst=dst)
+    if current == [want]:
+        return False
+    spec = {"dst": str(dst), "oif": oif, "table": MAIN_TABLE}
+    if gateway is not None:
+        spec["gateway"] = str(gateway)
+    if onlink:
+        spec["flags"] = RTNH_F_ONLINK
+    with _ipr() as ipr:
+        # a route to dst with another metric would survive "replace"; drop those first
+        for old in current:
+            if old != want:
+                _delete_route(ipr, old)
+        _nl_call(f"add route {_route_text(want)}", ipr.route, "replace", **spec)
+    log.info("route %s%s", _route_text(want), " (replaced a stale one)" if current else "")
+    return True
+
+
+def remove_route(
+    dst: IPv4Network,
+    oif: Optional[int] = None,
+    gateway: Optional[IPv4Address] = None,
+) -> bool:
+    """Delete the main-table routes to `dst` (only those via `oif`/`gateway` when given).
+    Returns True when something was deleted; an absent route is not an error."""
+    removed = False
+    with _ipr() as ipr:
+        for old in list_routes(oif=oif, dst=dst):
+            if gateway is not None and old.gateway != gateway:
+                continue
+            removed |= _delete_route(ipr, old)
+    return removed
+
+
+def _delete_route(ipr: IPRoute, route: Route) -> bool:
+    spec = {"dst": str(route.dst), "table": MAIN_TABLE}
+    if route.oif is not None:
+        spec["oif"] = route.oif
+    if route.gateway is not None:
+        spec["gateway"] = str(route.gateway)
+    try:
+        ipr.route("del", **spec)
+    except NetlinkError as exc:
+        if _ignore_missing(exc):
+            return False
+        raise netlink_error(f"remove route {_route_text(route)}", exc) from exc
+    log.info("removed route %s", _route_text(route))
+    return True
+
+
+def _route_text(route: Route) -> str:
+    text = str(route.dst)
+    if route.gateway is not None:
+        text += f" via {route.gateway}"
+    text += f" dev #{route.oif}"
+    return text + (" onlink" if route.onlink else "")
