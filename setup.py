@@ -1,8 +1,13 @@
 """Build and install flanneld; the C hot loop is compiled by cffi from build_ext.py."""
 
+import os
+import sys
+
 from setuptools import find_packages, setup
 
-from flannel import __version__
+# PEP 517 builds (pip, python -m build, Debian's pybuild) do not put the project on sys.path.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from flannel import __version__  # noqa: E402
 
 setup(
     name="flannel-py",
