@@ -1,0 +1,91 @@
+"""The iptables adapter for --ip-masq: nat POSTROUTING rules as Go flanneld installs them.
+
+For overlay network N and our subnet S, in this order:
+    -s N -d N                 RETURN       overlay -> overlay keeps its source address
+    -s N ! -d 224.0.0.0/4     MASQUERADE   overlay -> outside (multicast excepted)
+    ! -s N -d S               RETURN       outside -> our subnet arrives unchanged
+    ! -s N -d N               MASQUERADE   host -> other hosts' subnets uses the overlay
+Every rule carries the comment "flanneld masq" so it is recognisable. Set-up is idempotent:
+when all rules are present nothing changes; otherwise the present ones are removed and the
+whole set appended again, so their order is always right. Commands use `-w` to wait for the
+xtables lock instead of failing when another program holds it.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+from ipaddress import IPv4Network
+
+from flannel.errors import BackendError
+
+log = logging.getLogger(__name__)
+
+TABLE = "nat"
+CHAIN = "POSTROUTING"
+COMMENT = "flanneld masq"
+MULTICAST = "224.0.0.0/4"
+
+
+def masquerade_rules(network: IPv4Network, subnet: IPv4Network) -> list:
+    """The rule specifications (iptables arguments after the chain name), in order."""
+    n, s = str(network), str(subnet)
+    tag = ["-m", "comment", "--comment", COMMENT]
+    return [
+        ["-s", n, "-d", n, *tag, "-j", "RETURN"],
+        ["-s", n, "!", "-d", MULTICAST, *tag, "-j", "MASQUERADE"],
+        ["!", "-s", n, "-d", s, *tag, "-j", "RETURN"],
+        ["!", "-s", n, "-d", n, *tag, "-j", "MASQUERADE"],
+    ]
+
+
+def _iptables(*args: str, check: bool = True) -> bool:
+    """Run iptables; with check=False a non-zero exit is returned as False (used for -C)."""
+    binary = shutil.which("iptables")
+    if binary is None:
+        raise BackendError("--ip-masq needs the iptables command, which is not installed")
+    proc = subprocess.run(
+        [binary, "-w", "5", "-t", TABLE, *args], capture_output=True, text=True, timeout=30
+    )
+    if proc.returncode == 0:
+        return True
+    if check:
+        raise BackendError(
+            f"failed to run iptables -t {TABLE} {' '.join(args)}: {proc.stderr.strip()}"
+        )
+    return False
+
+
+def _present(rule: list) -> bool:
+    return _iptables("-C", CHAIN, *rule, check=False)
+
+
+def _delete_all(rule: list) -> int:
+    """Delete every copy of `rule`; returns how many were deleted."""
+    count = 0
+    while _present(rule):
+        _iptables("-D", CHAIN, *rule)
+        count += 1
+    return count
+
+
+def setup_masquerade(network: IPv4Network, subnet: IPv4Network) -> None:
+    """Install the masquerade rules for `network` with our `subnet`; no-op when present."""
+    rules = masquerade_rules(network, subnet)
+    if all(_present(rule) for rule in rules):
+        log.debug("ip-masq rules for %s already present", network)
+        return
+    # a partial set (an older run, someone's edit) is rebuilt so the order is right
+    for rule in rules:
+        _delete_all(rule)
+    for rule in rules:
+        _iptables("-A", CHAIN, *rule)
+    log.info("added ip-masq rules for %s (subnet %s)", network, subnet)
+
+
+def teardown_masquerade(network: IPv4Network, subnet: IPv4Network) -> None:
+    """Remove the rules setup_masquerade installed; absent rules are not an error."""
+    removed = sum(_delete_all(rule) for rule in masquerade_rules(network, subnet))
+    if removed:
+        log.info("removed %d ip-masq rule(s) for %s (subnet %s)", removed, network, subnet)
