@@ -47,7 +47,8 @@ class _WatchLoop:
             self.stop.set()
 
     def _loop(self) -> None:
-        delay = FIRST_BACKOFF
+        first = min(FIRST_BACKOFF, self.max_backoff)
+        delay = first
         while not self.stop.is_set():
             try:
                 result = self._poll()
@@ -61,7 +62,7 @@ class _WatchLoop:
             if self._failing:
                 log.info("%s works again", self.what)
                 self._failing = False
-            delay = FIRST_BACKOFF
+            delay = first
             self._take(result)
             if result.cursor is not None:
                 self.cursor = result.cursor
