@@ -1,0 +1,160 @@
+"""The one checked wrapper over the C packet loop (the cffi module flannel._proxy).
+
+`Proxy` owns a C `proxy_t` over a TUN fd and a UDP socket fd (the fds stay the caller's).
+`start()` runs the blocking C loop in its own named thread (cffi releases the GIL for the
+call); routes change and the loop stops through the C command channel, from any thread.
+Every C error becomes a BackendError naming the operation.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from ipaddress import IPv4Address, IPv4Network
+from typing import Optional
+
+from flannel.errors import BackendError
+
+try:
+    from flannel._proxy import ffi, lib
+except ImportError as exc:  # pragma: no cover - depends on the build
+    ffi = lib = None
+    _IMPORT_ERROR: Optional[ImportError] = exc
+else:
+    _IMPORT_ERROR = None
+
+log = logging.getLogger(__name__)
+
+#: packets per system call where the kernel allows it; 1 is Go flanneld's design
+DEFAULT_BATCH = 32
+MAX_BATCH = 128
+
+COUNTER_NAMES = (
+    "tun_rx_packets", "tun_rx_bytes", "udp_tx_packets", "udp_tx_bytes",
+    "udp_rx_packets", "udp_rx_bytes", "tun_tx_packets", "tun_tx_bytes",
+    "drop_runt", "drop_oversize", "drop_bad_header", "drop_no_route", "drop_ttl",
+    "drop_send_error", "icmp_sent", "read_errors", "polls", "syscalls", "routes",
+)
+
+
+def _check(action: str, rc: int) -> int:
+    if rc < 0:
+        raise BackendError(f"failed to {action}: {os.strerror(-rc)}")
+    return rc
+
+
+class Proxy:
+    """The udp backend's data path: TUN <-> one UDP datagram per IP packet, per peer subnet."""
+
+    def __init__(self, tun_fd: int, udp_fd: int, tun_addr: IPv4Address, mtu: int,
+                 batch: int = DEFAULT_BATCH):
+        if lib is None:
+            raise BackendError(
+                f"the C proxy module flannel._proxy is not built ({_IMPORT_ERROR}): "
+                "run `python build_ext.py` or `pip install -e .`"
+            )
+        handle = lib.proxy_new(tun_fd, udp_fd, int(tun_addr), mtu, batch)
+        if handle == ffi.NULL:
+            raise BackendError(
+                f"failed to create the udp proxy (mtu {mtu}, batch {batch}): "
+                f"{os.strerror(ffi.errno)}"
+            )
+        self._p = handle
+        self.batch = batch
+        self._thread: Optional[threading.Thread] = None
+        self._watcher: Optional[threading.Thread] = None
+        self.error: Optional[BackendError] = None
+        self._lock = threading.Lock()  # keeps stop() from racing close()'s free
+
+    # -- routes ---------------------------------------------------------------
+
+    def set_route(self, subnet: IPv4Network, peer_ip: IPv4Address, peer_port: int) -> None:
+        """Send packets for `subnet` to peer_ip:peer_port (replaces an existing route)."""
+        _check(
+            f"set the udp route {subnet} -> {peer_ip}:{peer_port}",
+            lib.proxy_set_route(self._handle(), int(subnet.network_address), subnet.prefixlen,
+                                int(peer_ip), peer_port),
+        )
+
+    def del_route(self, subnet: IPv4Network) -> bool:
+        """Remove the route for `subnet`; True if there was one."""
+        rc = lib.proxy_del_route(self._handle(), int(subnet.network_address), subnet.prefixlen)
+        return bool(_check(f"delete the udp route {subnet}", rc))
+
+    def lookup(self, addr: IPv4Address) -> Optional[tuple]:
+        """(peer_ip, peer_port) for `addr` by longest prefix, None without a route.
+        Only while the loop is not running (a test and debugging aid)."""
+        ip, port = ffi.new("uint32_t *"), ffi.new("uint16_t *")
+        found = _check(f"look up {addr}", lib.proxy_lookup(self._handle(), int(addr), ip, port))
+        return (IPv4Address(ip[0]), port[0]) if found else None
+
+    def counters(self) -> dict:
+        """A snapshot of the packet, byte and drop counters by name."""
+        out = ffi.new("struct proxy_counters *")
+        lib.proxy_counters(self._handle(), out)
+        return {name: getattr(out, name) for name in COUNTER_NAMES}
+
+    # -- life cycle -------------------------------------------------------------
+
+    def start(self, stop: Optional[threading.Event] = None, name: str = "udp-proxy") -> None:
+        """Run the loop in a named thread. With `stop`, the loop ends when it is set, and a
+        loop that dies of an error logs why and sets it."""
+        if self._thread is not None:
+            raise BackendError("the udp proxy is already started")
+        self._thread = threading.Thread(target=self._run, args=(stop,), name=name, daemon=True)
+        self._thread.start()
+        if stop is not None:
+            self._watcher = threading.Thread(
+                target=self._stop_on, args=(stop,), name=f"{name}-stop", daemon=True
+            )
+            self._watcher.start()
+
+    def _run(self, stop: Optional[threading.Event]) -> None:
+        rc = lib.proxy_run(self._p)
+        if rc < 0:
+            self.error = BackendError(f"udp proxy loop failed: {os.strerror(-rc)}")
+            log.error("%s", self.error)
+            if stop is not None:
+                stop.set()
+
+    def _stop_on(self, stop: threading.Event) -> None:
+        while not stop.wait(1.0):
+            if self._thread is None or not self._thread.is_alive():
+                return
+        self.stop()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the loop and wait for its thread (idempotent)."""
+        with self._lock:
+            if self._p is None:
+                return
+            lib.proxy_stop(self._p)
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+            if thread.is_alive():
+                raise BackendError(f"the udp proxy loop did not stop within {timeout:g}s")
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def close(self) -> None:
+        """Stop the loop and free the C state; the fds are left to their owner."""
+        self.stop()
+        with self._lock:
+            if self._p is not None:
+                lib.proxy_free(self._p)
+                self._p = None
+
+    def _handle(self):
+        if self._p is None:
+            raise BackendError("the udp proxy is closed")
+        return self._p
+
+    def __enter__(self) -> "Proxy":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
