@@ -34,5 +34,12 @@ demo: venv
 bench: venv
 	$(PY) -m pytest -s -m bench tests/bench
 
+# Distro packages, built into dist/ (the packaging tools come with `deps`).
+deb: deps
+	scripts/build-deb.sh
+
+rpm: deps
+	scripts/build-rpm.sh
+
 clean:
 	rm -rf $(VENV) build dist *.egg-info flannel/_proxy*.so flannel/_proxy.c

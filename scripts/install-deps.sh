@@ -18,6 +18,16 @@ import os, sysconfig, sys
 sys.exit(0 if os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")) else 1)
 PY
 
+# Packaging (make deb, make rpm, tests/packaging): build tools, lintian, rpmbuild, shellcheck,
+# systemd-analyze, and the Debian packages of the runtime dependencies the .deb depends on.
+have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "ok installed"; }
+for pkg in debhelper dh-python pybuild-plugin-pyproject python3-all-dev python3-setuptools \
+           python3-wheel python3-cffi python3-build python3-installer lintian rpm shellcheck \
+           systemd python3-etcd python3-pyroute2 python3-werkzeug python3-requests \
+           python3-configargparse; do
+    have_pkg "$pkg" || need+=("$pkg")
+done
+
 if [ ${#need[@]} -eq 0 ]; then
     exit 0
 fi
