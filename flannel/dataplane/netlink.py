@@ -27,6 +27,9 @@ MAIN_TABLE = 254
 RTN_UNICAST = 1
 RTNH_F_ONLINK = 4
 IFF_UP = 1
+NUD_NOARP = 0x40
+NUD_PERMANENT = 0x80
+NTF_SELF = 0x02
 
 
 def _ipr() -> IPRoute:
@@ -132,9 +135,16 @@ def _nl_call(action: str, fn, *args, **kwargs):
         raise netlink_error(action, exc) from exc
 
 
-def _ignore_missing(exc: NetlinkError) -> bool:
-    # deleting what is already gone is success for an idempotent remove
-    return exc.code in (errno.ENOENT, errno.ESRCH, errno.ENODEV, errno.EADDRNOTAVAIL)
+def _nl_remove(action: str, fn, *args, **kwargs) -> bool:
+    """Run one pyroute2 delete; what is already gone counts as removed by someone else
+    (returns False), any other refusal is a BackendError naming `action`."""
+    try:
+        fn(*args, **kwargs)
+    except NetlinkError as exc:
+        if exc.code in (errno.ENOENT, errno.ESRCH, errno.ENODEV, errno.EADDRNOTAVAIL):
+            return False
+        raise netlink_error(action, exc) from exc
+    return True
 
 
 # ---------------------------------------------------------------------------
@@ -293,14 +303,10 @@ def _delete_route(ipr: IPRoute, route: Route) -> bool:
         spec["oif"] = route.oif
     if route.gateway is not None:
         spec["gateway"] = str(route.gateway)
-    try:
-        ipr.route("del", **spec)
-    except NetlinkError as exc:
-        if _ignore_missing(exc):
-            return False
-        raise netlink_error(f"remove route {_route_text(route)}", exc) from exc
-    log.info("removed route %s", _route_text(route))
-    return True
+    removed = _nl_remove(f"remove route {_route_text(route)}", ipr.route, "del", **spec)
+    if removed:
+        log.info("removed route %s", _route_text(route))
+    return removed
 
 
 def _route_text(route: Route) -> str:
@@ -309,3 +315,147 @@ def _route_text(route: Route) -> str:
         text += f" via {route.gateway}"
     text += f" dev #{route.oif}"
     return text + (" onlink" if route.onlink else "")
+
+
+# ---------------------------------------------------------------------------
+# VXLAN device, neighbours and forwarding entries
+
+
+@dataclass(frozen=True)
+class VxlanSpec:
+    """What a VXLAN device must look like for the vxlan backend."""
+
+    name: str
+    vni: int
+    port: int
+    local: IPv4Address
+    dev_index: int
+    gbp: bool = False
+
+
+def _vxlan_mismatch(link, spec: VxlanSpec) -> Optional[str]:
+    """Why an existing link cannot serve as `spec`'s device, or None when it can."""
+    if link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") != "vxlan":
+        return "it is not a vxlan device"
+    data = link.get_nested("IFLA_LINKINFO", "IFLA_INFO_DATA")
+    have = {
+        "VNI": data.get("IFLA_VXLAN_ID"),
+        "port": data.get("IFLA_VXLAN_PORT"),
+        "local": data.get("IFLA_VXLAN_LOCAL"),
+        "dev": data.get("IFLA_VXLAN_LINK"),
+        "GBP": data.get("IFLA_VXLAN_GBP") is not None,
+        "learning": bool(data.get("IFLA_VXLAN_LEARNING")),
+    }
+    want = {
+        "VNI": spec.vni, "port": spec.port, "local": str(spec.local),
+        "dev": spec.dev_index, "GBP": spec.gbp, "learning": False,
+    }
+    for key, value in want.items():
+        if have[key] != value:
+            return f"its {key} is {have[key]}, not {value}"
+    return None
+
+
+def ensure_vxlan(spec: VxlanSpec) -> int:
+    """Create the VXLAN device, or reuse a compatible existing one (its MAC, which peers
+    know from our lease, stays); an incompatible one is replaced. Returns its index."""
+    with _ipr() as ipr:
+        found = ipr.link_lookup(ifname=spec.name)
+        if found:
+            why = _vxlan_mismatch(_get_link(ipr, found[0]), spec)
+            if why is None:
+                return found[0]
+            log.warning("replacing existing device %s: %s", spec.name, why)
+            _nl_call(f"delete incompatible device {spec.name}", ipr.link, "del", index=found[0])
+        options = dict(
+            ifname=spec.name, kind="vxlan", vxlan_id=spec.vni, vxlan_port=spec.port,
+            vxlan_local=str(spec.local), vxlan_link=spec.dev_index, vxlan_learning=0,
+        )
+        if spec.gbp:
+            options["vxlan_gbp"] = True
+        _nl_call(f"create vxlan device {spec.name}", ipr.link, "add", **options)
+        index = ipr.link_lookup(ifname=spec.name)[0]
+    log.info("created vxlan device %s (VNI %d, port %d, local %s)", spec.name, spec.vni, spec.port, spec.local)
+    return index
+
+
+def delete_link(index: int) -> bool:
+    """Delete a link; an absent one is not an error. Returns True when one was deleted."""
+    with _ipr() as ipr:
+        return _nl_remove(f"delete link #{index}", ipr.link, "del", index=index)
+
+
+def list_neighbours(index: int) -> dict:
+    """Permanent IPv4 neighbours of the link: {IPv4Address: mac}."""
+    with _ipr() as ipr:
+        msgs = ipr.get_neighbours(family=socket.AF_INET, ifindex=index)
+    return {
+        IPv4Address(m.get("NDA_DST")): m.get("NDA_LLADDR")
+        for m in msgs
+        if m["state"] & NUD_PERMANENT and m["ifindex"] == index
+    }
+
+
+def ensure_neighbour(index: int, ip: IPv4Address, mac: str) -> bool:
+    """A permanent neighbour entry ip -> mac on the link. Returns True when changed."""
+    if list_neighbours(index).get(ip) == mac.lower():
+        return False
+    with _ipr() as ipr:
+        _nl_call(
+            f"set neighbour {ip} lladdr {mac} on link #{index}", ipr.neigh, "replace",
+            ifindex=index, dst=str(ip), lladdr=mac, state=NUD_PERMANENT,
+        )
+    return True
+
+
+def remove_neighbour(index: int, ip: IPv4Address) -> bool:
+    with _ipr() as ipr:
+        return _nl_remove(
+            f"remove neighbour {ip} on link #{index}", ipr.neigh, "del", ifindex=index, dst=str(ip)
+        )
+
+
+def list_fdb(index: int) -> list:
+    """Forwarding entries of a VXLAN link that carry a remote: [(mac, IPv4Address)]."""
+    with _ipr() as ipr:
+        msgs = ipr.fdb("dump", ifindex=index)
+    return [
+        (m.get("NDA_LLADDR"), IPv4Address(m.get("NDA_DST")))
+        for m in msgs
+        if m["ifindex"] == index and m.get("NDA_DST")
+    ]
+
+
+def ensure_fdb(index: int, mac: str, dst: IPv4Address) -> bool:
+    """Exactly one permanent forwarding entry mac -> dst on the VXLAN link. Returns True when changed."""
+    mac = mac.lower()
+    entries = [e for e in list_fdb(index) if e[0] == mac]
+    if entries == [(mac, dst)]:
+        return False
+    with _ipr() as ipr:
+        for _mac, old in entries:
+            if old != dst:
+                _delete_fdb(ipr, index, mac, old)
+        _nl_call(
+            f"set forwarding entry {mac} dst {dst} on link #{index}", ipr.fdb, "replace",
+            ifindex=index, lladdr=mac, dst=str(dst), state=NUD_PERMANENT | NUD_NOARP,
+            flags=NTF_SELF,
+        )
+    return True
+
+
+def remove_fdb(index: int, mac: str, dst: Optional[IPv4Address] = None) -> bool:
+    """Remove the forwarding entries of `mac` (only the one to `dst` when given)."""
+    removed = False
+    with _ipr() as ipr:
+        for emac, edst in list_fdb(index):
+            if emac == mac.lower() and (dst is None or edst == dst):
+                removed |= _delete_fdb(ipr, index, emac, edst)
+    return removed
+
+
+def _delete_fdb(ipr: IPRoute, index: int, mac: str, dst: IPv4Address) -> bool:
+    return _nl_remove(
+        f"remove forwarding entry {mac} dst {dst} on link #{index}",
+        ipr.fdb, "del", ifindex=index, lladdr=mac, dst=str(dst),
+    )

@@ -1,14 +1,13 @@
 """The netlink adapter against a real kernel, inside a namespace this module creates:
 every ensure/remove is idempotent and leaves exactly the wanted state (checked with `ip -j`)."""
 
-import json
 import os
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 import pytest
 
 from flannel.errors import BackendError
-from tests.support.nsagent import NsAgent, netns, sh, unique
+from tests.support.nsagent import bridge_host, ip_json, sh
 
 pytestmark = [
     pytest.mark.needs_root,
@@ -19,34 +18,23 @@ NL = "flannel.dataplane.netlink:"
 
 
 @pytest.fixture(scope="module")
-def ns():
-    with netns(unique("nl")) as name:
-        sh(name, "ip link add br0 type bridge && ip addr add 192.168.77.1/24 dev br0 "
-                 "&& ip link set br0 up")
-        yield name
+def agent():
+    with bridge_host("nl") as agent:
+        yield agent
 
 
 @pytest.fixture(scope="module")
-def agent(ns):
-    agent = NsAgent(ns)
-    try:
-        yield agent
-    finally:
-        agent.close()
-
-
-def ipj(ns, args):
-    out = sh(ns, f"ip -j {args}")
-    return json.loads(out) if out.strip() else []
+def ns(agent):
+    return agent.ns
 
 
 def routes_to(ns, dst):
-    return [r for r in ipj(ns, "-4 route show table main") if r["dst"] == dst]
+    return [r for r in ip_json(ns, "-4 route show table main") if r["dst"] == dst]
 
 
 def test_link_index_and_lookup(ns, agent):
     index = agent.call(NL + "link_index", "br0")
-    assert index == ipj(ns, "link show br0")[0]["ifindex"]
+    assert index == ip_json(ns, "link show br0")[0]["ifindex"]
     assert agent.call(NL + "link_index", "nosuch0") is None
     ext = agent.call(NL + "lookup_external_interface", "br0", "10.99.0.1")
     assert (ext.name, ext.index) == ("br0", index)
@@ -60,11 +48,11 @@ def test_ensure_link_up_sets_state_and_mtu_once(ns, agent):
     sh(ns, "ip link add brup type bridge")
     index = agent.call(NL + "link_index", "brup")
     agent.call(NL + "ensure_link_up", index, 1400)
-    link = ipj(ns, "link show brup")[0]
+    link = ip_json(ns, "link show brup")[0]
     assert "UP" in link["flags"] and link["mtu"] == 1400
     agent.call(NL + "ensure_link_up", index, 1400)
     agent.call(NL + "ensure_link_up", index)
-    link = ipj(ns, "link show brup")[0]
+    link = ip_json(ns, "link show brup")[0]
     assert "UP" in link["flags"] and link["mtu"] == 1400
 
 
@@ -73,7 +61,7 @@ def test_ensure_address_exclusive_and_idempotent(ns, agent):
     index = agent.call(NL + "link_index", "braddr")
 
     def addrs():
-        info = ipj(ns, "-4 addr show dev braddr")[0]["addr_info"]
+        info = ip_json(ns, "-4 addr show dev braddr")[0]["addr_info"]
         return sorted(f"{a['local']}/{a['prefixlen']}" for a in info)
 
     agent.call(NL + "ensure_address", index, IPv4Interface("10.10.5.0/32"))

@@ -8,13 +8,15 @@ agent (`agent.new("b", "flannel.backend.vxlan:VxlanBackend", ...)`) and calls th
 `STOP` passed as an argument becomes the agent's threading.Event, set when the agent closes.
 
 Also: `netns(name)` creates a namespace and always deletes it, `sh(ns, cmd)` runs a command
-in one, `unique(tag)` gives a namespace name with this helper's `fnl` prefix.
+in one, `ip_json(ns, args)` reads `ip -j` output, `unique(tag)` gives a namespace name with this
+helper's `fnl` prefix.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import os
 import pickle
 import struct
@@ -57,6 +59,12 @@ def sh(ns: str | None, cmd: str, check: bool = True) -> str:
     return proc.stdout
 
 
+def ip_json(ns: str, args: str, tool: str = "ip") -> list:
+    """The JSON output of `ip -j ARGS` (or `bridge -j ARGS`) inside `ns`; [] when empty."""
+    out = sh(ns, f"{tool} -j {args}")
+    return json.loads(out) if out.strip() else []
+
+
 @contextlib.contextmanager
 def netns(name: str):
     """A fresh network namespace with loopback up, deleted afterwards (also on failure)."""
@@ -66,6 +74,19 @@ def netns(name: str):
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@contextlib.contextmanager
+def bridge_host(tag: str, cidr: str = "192.168.77.1/24"):
+    """A namespace whose bridge br0 (up, holding `cidr`) stands in for the external
+    interface, with an agent inside; yields the agent (its namespace is `agent.ns`)."""
+    with netns(unique(tag)) as name:
+        sh(name, f"ip link add br0 type bridge && ip addr add {cidr} dev br0 && ip link set br0 up")
+        agent = NsAgent(name)
+        try:
+            yield agent
+        finally:
+            agent.close()
 
 
 class NsAgent:

@@ -1,0 +1,173 @@
+"""The vxlan backend: the kernel's VXLAN device carries overlay traffic between hosts.
+
+Our side: device `flannel.<VNI>` (local = external address, dev = external interface, no
+learning, MTU = external MTU - 50) holding our lease's .0/32; its MAC is published in the
+lease as BackendData {"VtepMAC": ...}. Per peer, as later Go flanneld versions do: a
+permanent neighbour (peer .0 -> VtepMAC), a permanent forwarding entry (VtepMAC -> peer
+PublicIP) and a route to the peer subnet via its .0 onlink. With DirectRouting, a peer on our
+L2 segment gets a plain route via its PublicIP instead. Devices and entries outlive stop().
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from typing import Iterable, Optional
+
+from flannel.backend.base import Backend, ExternalInterface
+from flannel.backend.peers import bool_option, describe, int_option, split_batch
+from flannel.dataplane import netlink
+from flannel.errors import BackendError
+from flannel.subnet.config import NetworkConfig
+from flannel.subnet.models import Event, Lease, LeaseAttrs
+
+log = logging.getLogger(__name__)
+
+DEFAULT_VNI = 1
+DEFAULT_PORT = 8472  # the Linux default; Go flanneld's Port 0 means this too
+VXLAN_OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+
+@dataclass(frozen=True)
+class _Peer:
+    public_ip: IPv4Address
+    mac: str
+    direct: bool
+
+
+class VxlanBackend(Backend):
+    type_name = "vxlan"
+
+    def __init__(self, ext_iface: ExternalInterface, config: NetworkConfig):
+        super().__init__(ext_iface, config)
+        vni = int_option(config, "VNI", DEFAULT_VNI, 0, (1 << 24) - 1)
+        port = int_option(config, "Port", DEFAULT_PORT, 0, 65535)
+        self.spec = netlink.VxlanSpec(
+            name=f"flannel.{vni}",
+            vni=vni,
+            port=port or DEFAULT_PORT,
+            local=ext_iface.iface_addr,
+            dev_index=ext_iface.index,
+            gbp=bool_option(config, "GBP"),
+        )
+        self.direct_routing = bool_option(config, "DirectRouting")
+        self.dev_index: Optional[int] = None
+        self.mac: Optional[str] = None
+        self._peers: dict = {}  # subnet -> _Peer, what we programmed
+        self._lock = threading.Lock()
+
+    @property
+    def mtu(self) -> int:
+        return self.ext_iface.mtu - VXLAN_OVERHEAD
+
+    def _ensure_device(self) -> int:
+        self.dev_index = netlink.ensure_vxlan(self.spec)
+        self.mac = netlink.link_mac(self.dev_index)
+        return self.dev_index
+
+    def lease_attrs(self) -> LeaseAttrs:
+        # the device must exist now: its MAC goes into the lease peers program
+        self._ensure_device()
+        return LeaseAttrs(
+            public_ip=self.ext_iface.ext_addr,
+            backend_type=self.type_name,
+            backend_data={"VtepMAC": self.mac},
+        )
+
+    def start(self, lease: Lease, stop: threading.Event) -> None:
+        with self._lock:
+            index = self._ensure_device()
+            netlink.ensure_address(index, IPv4Interface((lease.subnet.network_address, 32)))
+            netlink.ensure_link_up(index, self.mtu)
+            self.lease = lease
+        log.info("vxlan device %s ready: MAC %s, MTU %d", self.spec.name, self.mac, self.mtu)
+
+    def apply(self, events: Iterable[Event]) -> None:
+        own = self.lease.subnet if self.lease else None
+        removed, added = split_batch(events, own, self.type_name)
+        errors = []
+        with self._lock:
+            if self.dev_index is None:
+                self._ensure_device()
+            for subnet in removed:
+                errors += self._try(f"remove peer {subnet}", self._remove_peer, subnet)
+            for lease in added:
+                errors += self._try(f"add peer {lease.subnet}", self._add_peer, lease)
+        if errors:
+            raise errors[0]
+
+    @staticmethod
+    def _try(action: str, fn, *args) -> list:
+        # one broken peer must not keep the others from being programmed
+        try:
+            fn(*args)
+        except BackendError as exc:
+            log.error("failed to %s: %s", action, exc)
+            return [BackendError(f"failed to {action}: {exc}")]
+        return []
+
+    # -- peers ----------------------------------------------------------------
+
+    def _peer_of(self, lease: Lease) -> Optional[_Peer]:
+        data = lease.attrs.backend_data
+        mac = data.get("VtepMAC") if isinstance(data, dict) else None
+        if not isinstance(mac, str) or not _MAC.match(mac.lower()):
+            log.warning(
+                "skipping peer %s (%s): BackendData must hold a VtepMAC like aa:bb:cc:dd:ee:ff, got %s",
+                lease.subnet, lease.attrs.public_ip, describe(data),
+            )
+            return None
+        direct = self.direct_routing and any(
+            lease.attrs.public_ip in net for net in netlink.connected_networks(self.ext_iface.index)
+        )
+        return _Peer(lease.attrs.public_ip, mac.lower(), direct)
+
+    def _add_peer(self, lease: Lease) -> None:
+        peer = self._peer_of(lease)
+        if peer is None:
+            return
+        subnet = lease.subnet
+        old = self._peers.get(subnet)
+        if old is not None and old != peer:
+            log.info("peer %s changed from %s to %s", subnet, old, peer)
+            if old.direct != peer.direct:
+                self._drop_entries(subnet, old)
+            elif old.mac != peer.mac:
+                # the neighbour and route are replaced below; the old MAC's entry is not
+                self._drop_fdb(subnet, old.mac)
+        gateway = subnet.network_address
+        if peer.direct:
+            netlink.ensure_route(subnet, self.ext_iface.index, peer.public_ip)
+        else:
+            netlink.ensure_neighbour(self.dev_index, gateway, peer.mac)
+            netlink.ensure_fdb(self.dev_index, peer.mac, peer.public_ip)
+            netlink.ensure_route(subnet, self.dev_index, gateway, onlink=True)
+        self._peers[subnet] = peer
+        log.info("peer %s at %s (VtepMAC %s%s)", subnet, peer.public_ip, peer.mac,
+                 ", direct route" if peer.direct else "")
+
+    def _remove_peer(self, subnet: IPv4Network) -> None:
+        peer = self._peers.pop(subnet, None)
+        if peer is None:
+            # not programmed by this process (e.g. before a restart): find what is there
+            mac = netlink.list_neighbours(self.dev_index).get(subnet.network_address)
+            peer = _Peer(IPv4Address(0), mac or "", False)
+        self._drop_entries(subnet, peer)
+        log.info("peer %s removed", subnet)
+
+    def _drop_entries(self, subnet: IPv4Network, peer: _Peer) -> None:
+        """Remove the kernel entries of `peer` for `subnet`; a forwarding entry is kept while
+        another peer still uses the same MAC."""
+        netlink.remove_route(subnet, self.dev_index)
+        netlink.remove_route(subnet, self.ext_iface.index)
+        netlink.remove_neighbour(self.dev_index, subnet.network_address)
+        self._drop_fdb(subnet, peer.mac)
+
+    def _drop_fdb(self, subnet: IPv4Network, mac: str) -> None:
+        in_use = any(p.mac == mac and not p.direct for s, p in self._peers.items() if s != subnet)
+        if mac and not in_use:
+            netlink.remove_fdb(self.dev_index, mac)
