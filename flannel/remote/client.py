@@ -1,0 +1,184 @@
+"""RemoteManager: the SubnetManager of `flanneld --remote=HOST:PORT`, over HTTP(S) with requests.
+
+Each call is one request; retrying is the caller's job (the network loop retries
+RegistryError, which is what an unreachable server or a 5xx becomes). Long polls send our
+`wait` parameter so that our server answers within the caller's timeout; a Go server ignores
+it and parks until a change, so the read timeout ends the poll and an empty result is returned
+with the same cursor, exactly as on a server-side time-out. `prefer` of acquire_lease travels
+as a query parameter, ignored by a Go server.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from ipaddress import IPv4Network
+from typing import List, Optional
+
+import requests
+
+from flannel import __version__
+from flannel.errors import OptionsError, RegistryError, RemoteError
+from flannel.remote import api
+from flannel.remote.tls import check_client_files
+from flannel.subnet import keys
+from flannel.subnet.config import NetworkConfig
+from flannel.subnet.manager import SubnetManager
+from flannel.subnet.models import Lease, LeaseAttrs, Reservation, WatchResult, dumps
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 5.0
+READ_TIMEOUT = 30.0   # plain requests (acquire may retry compare-and-swap on the server)
+POLL_GRACE = 10.0     # read timeout of a long poll = its wait + this
+
+
+class RemoteManager(SubnetManager):
+    def __init__(self, remote: str, *, cafile=None, certfile=None, keyfile=None):
+        host, sep, port = remote.rpartition(":")
+        if not sep or not host or not port.isdigit() or "/" in remote:
+            raise OptionsError(f"--remote={remote}: expected host:port, e.g. 10.0.0.3:8888")
+        check_client_files(cafile, certfile, keyfile)
+        tls = bool(cafile or certfile or keyfile)
+        self.base = f"{'https' if tls else 'http'}://{remote}"
+        self._verify = cafile if cafile else True
+        self._cert = (certfile, keyfile) if certfile else None
+        # a session per thread: the network loop, the lease watcher and the renewer
+        # each keep their own keep-alive connection, as Go's client does
+        self._local = threading.local()
+        self._sessions: list = []
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"RemoteManager({self.base})"
+
+    # -- HTTP ---------------------------------------------------------------
+
+    def _session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            session.verify = self._verify
+            session.cert = self._cert
+            session.trust_env = False  # never route the overlay's control plane via a proxy
+            session.headers.update({"User-Agent": f"flanneld-py/{__version__}",
+                                    "Accept-Encoding": "identity"})
+            self._local.session = session
+            with self._lock:
+                self._sessions.append(session)
+        return session
+
+    def _request(self, method: str, path: str, action: str, *, body: Optional[str] = None,
+                 params: Optional[dict] = None, read_timeout: float = READ_TIMEOUT) -> requests.Response:
+        headers = {"Content-Type": "application/json"} if body is not None else None
+        try:
+            resp = self._session().request(
+                method, self.base + path, data=body.encode() if body is not None else None,
+                params=params, headers=headers, timeout=(CONNECT_TIMEOUT, read_timeout),
+            )
+        except requests.exceptions.SSLError as exc:
+            raise RemoteError(f"failed to {action}: TLS with {self.base} failed: {_reason(exc)}") from exc
+        except requests.exceptions.ReadTimeout:
+            raise
+        except requests.exceptions.RequestException as exc:
+            raise RegistryError(f"failed to {action}: server {self.base} unreachable: {_reason(exc)}") from exc
+        if resp.status_code != 200:
+            raise api.error_from_response(resp.status_code, resp.headers.get(api.ERROR_HEADER),
+                                          resp.text, action)
+        return resp
+
+    def _call(self, method: str, path: str, action: str, **kwargs) -> requests.Response:
+        try:
+            return self._request(method, path, action, **kwargs)
+        except requests.exceptions.ReadTimeout as exc:
+            raise RegistryError(f"failed to {action}: server {self.base} did not answer in time") from exc
+
+    # -- SubnetManager --------------------------------------------------------
+
+    def get_network_config(self, network: str) -> NetworkConfig:
+        resp = self._call("GET", api.path(network, "config"), f"get the config of {_name(network)}")
+        return api.decode_config(resp.content)
+
+    def acquire_lease(self, network: str, attrs: LeaseAttrs,
+                      prefer: Optional[IPv4Network] = None) -> Lease:
+        params = {api.PREFER: keys.subnet_to_key(prefer)} if prefer is not None else None
+        resp = self._call("POST", api.path(network, "leases"), f"acquire a lease in {_name(network)}",
+                          body=attrs.to_json(), params=params)
+        return api.decode_lease(resp.content)
+
+    def renew_lease(self, network: str, lease: Lease) -> Lease:
+        resp = self._call("PUT", api.lease_path(network, lease.subnet), f"renew the lease of {lease.subnet}",
+                          body=lease.to_json())
+        return api.decode_lease(resp.content)
+
+    def revoke_lease(self, network: str, subnet: IPv4Network) -> None:
+        self._call("DELETE", api.lease_path(network, subnet), f"revoke the lease of {subnet}")
+
+    def watch_lease(self, network: str, subnet: IPv4Network, cursor: Optional[str],
+                    timeout: float) -> WatchResult:
+        return self._watch(api.lease_path(network, subnet), cursor, timeout,
+                           f"watch the lease of {subnet}")
+
+    def watch_leases(self, network: str, cursor: Optional[str], timeout: float) -> WatchResult:
+        return self._watch(api.path(network, "leases"), cursor, timeout,
+                           f"watch the leases of {_name(network)}")
+
+    def watch_networks(self, cursor: Optional[str], timeout: float) -> WatchResult:
+        return self._watch(api.path(None), cursor, timeout, "watch the networks", networks=True)
+
+    def add_reservation(self, network: str, reservation: Reservation) -> None:
+        self._call("POST", api.path(network, "reservations"), f"reserve {reservation.subnet}",
+                   body=dumps(reservation.to_dict()))
+
+    def remove_reservation(self, network: str, subnet: IPv4Network) -> None:
+        self._call("DELETE", api.lease_path(network, subnet, "reservations"),
+                   f"remove the reservation of {subnet}")
+
+    def list_reservations(self, network: str) -> List[Reservation]:
+        resp = self._call("GET", api.path(network, "reservations"),
+                          f"list the reservations of {_name(network)}")
+        return api.decode_reservations(resp.content)
+
+    def close(self) -> None:
+        with self._lock:
+            sessions, self._sessions = self._sessions, []
+        for session in sessions:
+            session.close()
+
+    # -- watches ------------------------------------------------------------
+
+    def _watch(self, path: str, cursor: Optional[str], timeout: float, action: str,
+               networks: bool = False) -> WatchResult:
+        timeout = max(0.0, float(timeout))
+        params = {api.WAIT: f"{timeout:g}"}
+        if cursor is not None:
+            params[api.NEXT] = cursor
+        try:
+            resp = self._request("GET", path, action, params=params, read_timeout=timeout + POLL_GRACE)
+        except requests.exceptions.ReadTimeout:
+            if cursor is None:
+                raise RegistryError(f"failed to {action}: server {self.base} did not answer in time") from None
+            log.debug("%s: no answer within %.0fs (a server that ignores wait)", action, timeout)
+            return WatchResult(cursor=cursor)
+        result = api.decode_watch(resp.content, networks=networks)
+        if cursor is None and result.snapshot is None and not result.events:
+            # a snapshot request answered with null: nothing exists (Go encodes [] as null)
+            result = WatchResult(snapshot=(), cursor=result.cursor)
+        if result.cursor is None:
+            raise RemoteError(f"failed to {action}: the server's answer has no cursor")
+        return result
+
+
+def _name(network: str) -> str:
+    return f"network {network}" if network else "the default network"
+
+
+def _reason(exc: Exception) -> str:
+    """The innermost cause of a requests error, which is the readable one."""
+    inner: BaseException = exc
+    for _ in range(8):
+        nxt = inner.__cause__ or (inner.args[0] if inner.args and isinstance(inner.args[0], Exception) else None)
+        if nxt is None:
+            break
+        inner = nxt
+    return str(inner) or type(inner).__name__
