@@ -14,7 +14,7 @@ from flannel.backend.base import ExternalInterface
 from flannel.errors import BackendError, ConfigError
 from flannel.subnet.config import NetworkConfig
 from flannel.subnet.models import Event, Lease, LeaseAttrs
-from tests.support.nsagent import bridge_host, STOP, NsAgent, ip_json, netns, sh, unique
+from tests.support.nsagent import STOP, bridge_host, ip_json, sh, veth_hosts
 
 
 
@@ -223,22 +223,9 @@ def test_kernel_refusal_is_a_backend_error_naming_the_peer(agent, ext):
 
 @pytest.fixture(scope="module")
 def pair():
-    """Hosts A (192.168.77.1) and B (192.168.77.2) on a veth pair, an agent in each."""
-    tag = unique("")
-    with netns(tag + "A") as host_a, netns(tag + "B") as host_b:
-        sh(None, f"ip link add {tag}a netns {host_a} type veth peer name {tag}b netns {host_b}")
-        agents = []
-        try:
-            for ns_name, dev, addr in ((host_a, tag + "a", "1"), (host_b, tag + "b", "2")):
-                sh(ns_name, f"ip addr add 192.168.77.{addr}/24 dev {dev} && ip link set {dev} up")
-                agents.append(NsAgent(ns_name))
-            yield [
-                (a, a.call(NL + "lookup_external_interface", dev, None))
-                for a, dev in zip(agents, (tag + "a", tag + "b"))
-            ]
-        finally:
-            for a in agents:
-                a.close()
+    """Hosts A (192.168.77.1) and B (192.168.77.2) on a veth pair: [(agent, ExternalInterface)]."""
+    with veth_hosts("vx") as hosts:
+        yield [(a, a.call(NL + "lookup_external_interface", dev, None)) for a, dev in hosts]
 
 
 def run_pair(pair, key, cfg, subnets):

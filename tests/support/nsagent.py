@@ -89,6 +89,30 @@ def bridge_host(tag: str, cidr: str = "192.168.77.1/24"):
             agent.close()
 
 
+@contextlib.contextmanager
+def veth_hosts(tag: str):
+    """Hosts A (192.168.77.1/24) and B (192.168.77.2/24) on one veth pair, an agent in each;
+    yields [(agent, name of its veth end)]."""
+    prefix = unique(tag)[:11]
+    with netns(prefix + "A") as host_a, netns(prefix + "B") as host_b:
+        ends = (prefix + "a", prefix + "b")
+        sh(None, f"ip link add {ends[0]} netns {host_a} type veth peer name {ends[1]} netns {host_b}")
+        hosts = []
+        try:
+            for number, (ns_name, dev) in enumerate(zip((host_a, host_b), ends), start=1):
+                sh(ns_name, f"ip addr add 192.168.77.{number}/24 dev {dev} && ip link set {dev} up")
+                hosts.append((NsAgent(ns_name), dev))
+            yield hosts
+        finally:
+            for agent, _dev in hosts:
+                agent.close()
+
+
+def thread_names() -> list:
+    """Names of the live threads of the calling process (for agent.call)."""
+    return sorted(t.name for t in threading.enumerate())
+
+
 class NsAgent:
     """A Python process inside `ns` that runs calls for the test process."""
 

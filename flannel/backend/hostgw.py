@@ -1,0 +1,118 @@
+"""The host-gw backend: plain kernel routes, for hosts that share one L2 segment.
+
+Per peer: a route to its subnet via its PublicIP on the external interface. Nothing else is
+created, so the MTU is the external one. Routes vanish when the link goes down or someone
+deletes them; a named thread re-checks every CHECK_INTERVAL seconds and restores them.
+Behind NAT (--public-ip differing from the interface address) peers could not route to us,
+so the backend refuses to start, as Go flanneld does.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Iterable
+
+from flannel.backend.base import Backend, ExternalInterface
+from flannel.backend.peers import split_batch
+from flannel.dataplane import netlink
+from flannel.errors import BackendError
+from flannel.subnet.config import NetworkConfig
+from flannel.subnet.models import Event, Lease
+
+log = logging.getLogger(__name__)
+
+CHECK_INTERVAL = 3.0  # seconds; restores a lost route well within 10 s
+
+
+class HostGwBackend(Backend):
+    type_name = "host-gw"
+
+    def __init__(self, ext_iface: ExternalInterface, config: NetworkConfig):
+        super().__init__(ext_iface, config)
+        if ext_iface.ext_addr != ext_iface.iface_addr:
+            raise BackendError(
+                f"host-gw cannot run behind NAT: the public IP {ext_iface.ext_addr} differs from "
+                f"the address {ext_iface.iface_addr} of {ext_iface.name} (peers route to us directly)"
+            )
+        self._routes: dict = {}  # peer subnet -> its PublicIP (the gateway)
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop: threading.Event | None = None
+        self._halt = threading.Event()  # set by stop(), so stop() returns promptly
+
+    @property
+    def mtu(self) -> int:
+        return self.ext_iface.mtu
+
+    def start(self, lease: Lease, stop: threading.Event) -> None:
+        self.lease = lease
+        if self._thread is not None and self._thread.is_alive():
+            return  # a new lease for a running backend: routes of peers stay valid
+        self._stop = stop
+        self._thread = threading.Thread(
+            target=self._check_loop, name=f"hostgw-routes-{self.ext_iface.name}", daemon=True
+        )
+        self._thread.start()
+
+    def apply(self, events: Iterable[Event]) -> None:
+        own = self.lease.subnet if self.lease else None
+        removed, added = split_batch(events, own, self.type_name)
+        errors = []
+        with self._lock:
+            for subnet in removed:
+                self._routes.pop(subnet, None)
+                netlink.remove_route(subnet, self.ext_iface.index)
+                log.info("peer %s removed", subnet)
+            for lease in added:
+                self._routes[lease.subnet] = lease.attrs.public_ip
+                try:
+                    netlink.ensure_route(lease.subnet, self.ext_iface.index, lease.attrs.public_ip)
+                except BackendError as exc:
+                    # the check loop retries it; report it once here
+                    log.error("failed to add route for peer %s: %s", lease.subnet, exc)
+                    errors.append(exc)
+                else:
+                    log.info("peer %s via %s", lease.subnet, lease.attrs.public_ip)
+        if errors:
+            raise errors[0]
+
+    def stop(self) -> None:
+        # only the thread ends: our routes stay, so peers keep working across a restart
+        self._halt.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    # -- route restoration ------------------------------------------------------
+
+    def _check_loop(self) -> None:
+        failing = False
+        while not self._halt.wait(CHECK_INTERVAL) and not self._stop.is_set():
+            try:
+                restored = self.restore_routes()
+            except BackendError as exc:
+                if not failing:
+                    log.warning("cannot restore host-gw routes yet (will retry): %s", exc)
+                failing = True
+                continue
+            if failing:
+                log.info("host-gw routes are restored")
+            elif restored:
+                log.info("restored %d host-gw route(s) that had disappeared", restored)
+            failing = False
+
+    def restore_routes(self) -> int:
+        """Re-add every peer route that is missing or differs; returns how many were fixed."""
+        with self._lock:
+            want = dict(self._routes)
+            have = {
+                r.dst: r.gateway
+                for r in netlink.list_routes(oif=self.ext_iface.index)
+                if r.dst in want
+            }
+            fixed = 0
+            for subnet, gateway in want.items():
+                if have.get(subnet) != gateway:
+                    netlink.ensure_route(subnet, self.ext_iface.index, gateway)
+                    fixed += 1
+        return fixed
