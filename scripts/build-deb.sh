@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build the flanneld .deb into dist/ from this checkout (make deb). Needs the Build-Depends of
+# Build the flanneld .deb into dist/ (or $DIST_DIR) from this checkout (make deb). Needs the Build-Depends of
 # packaging/deb/debian/control (scripts/install-deps.sh --packaging installs them).
 set -euo pipefail
 
@@ -24,7 +24,8 @@ cp -a "$root/packaging/deb/debian" "$src/debian"
 (cd "$src" && DEB_BUILD_OPTIONS="noddebs ${DEB_BUILD_OPTIONS:-}" dpkg-buildpackage -b -us -uc) \
     >"$work/build.log" 2>&1 || { tail -n 60 "$work/build.log" >&2; echo "dpkg-buildpackage failed" >&2; exit 1; }
 
-mkdir -p "$root/dist"
-rm -f "$root"/dist/flanneld_*.deb
-cp "$work"/flanneld_"$version"_*.deb "$root/dist/"
-ls "$root"/dist/flanneld_"$version"_*.deb
+dist=${DIST_DIR:-$root/dist}
+mkdir -p "$dist"
+rm -f "$dist"/flanneld_*.deb
+cp "$work"/flanneld_"$version"_*.deb "$dist/"
+ls "$dist"/flanneld_"$version"_*.deb

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Build the flanneld .rpm into dist/ from this checkout (make rpm), with rpmbuild (on Debian
-# the `rpm` package). BuildRequires are not checked (--nodeps): a Debian host has no RPM
-# database; the build needs python3 with build, installer, setuptools, wheel and cffi.
+# Build the flanneld .rpm into dist/ (or $DIST_DIR) from this checkout (make rpm), with
+# rpmbuild (on Debian the `rpm` package). BuildRequires are not checked (--nodeps): a Debian
+# host has no RPM database; the build needs python3 with build, installer, setuptools, wheel
+# and cffi.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -24,7 +25,8 @@ tar -C "$work" -czf "$work/SOURCES/flannel-py-$version.tar.gz" "flannel-py-$vers
 rpmbuild -bb --nodeps --define "_topdir $work" "$spec" >"$work/build.log" 2>&1 \
     || { tail -n 60 "$work/build.log" >&2; echo "rpmbuild failed" >&2; exit 1; }
 
-mkdir -p "$root/dist"
-rm -f "$root"/dist/flanneld-[0-9]*.rpm
-find "$work/RPMS" -name "flanneld-$version-*.rpm" -exec cp {} "$root/dist/" \;
-ls "$root"/dist/flanneld-"$version"-*.rpm
+dist=${DIST_DIR:-$root/dist}
+mkdir -p "$dist"
+rm -f "$dist"/flanneld-[0-9]*.rpm
+find "$work/RPMS" -name "flanneld-$version-*.rpm" -exec cp {} "$dist/" \;
+ls "$dist"/flanneld-"$version"-*.rpm
