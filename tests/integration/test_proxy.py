@@ -8,18 +8,22 @@ tests use a real TUN inside a namespace with the kernel's own ping.
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import subprocess
 import threading
 import time
-from ipaddress import IPv4Address, IPv4Network
+import uuid
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 import pytest
 
 from flannel.dataplane.proxy import Proxy
 from flannel.errors import BackendError
 from tests.support import ippkt
+from tests.support.nsagent import netns
+from tests.support.nsthread import run_in_netns
 
 TUN_ADDR = IPv4Address("10.10.1.0")
 MTU = 1472
@@ -60,13 +64,15 @@ def _udp_socket() -> socket.socket:
     return sock
 
 
-def _wait_counter(proxy: Proxy, name: str, value: int, timeout: float = 10.0) -> dict:
+def _settled(proxy: Proxy, timeout: float = 10.0, **expected: int) -> dict:
+    """The counters once they show `expected` (the loop counts a packet just after it has
+    handed it on, so a test may see the packet first), or as they are after `timeout`."""
     deadline = time.monotonic() + timeout
     while True:
         counters = proxy.counters()
-        if counters[name] >= value or time.monotonic() > deadline:
+        if all(counters[k] == v for k, v in expected.items()) or time.monotonic() > deadline:
             return counters
-        time.sleep(0.01)
+        time.sleep(0.005)
 
 
 @pytest.fixture(params=[1, 32], ids=["batch1", "batch32"])
@@ -90,7 +96,7 @@ def test_tun_to_udp_sends_the_whole_packet_with_ttl_decremented(rig):
     assert len(data) == len(pkt)
     assert got.ttl == 63 and got.header_ok
     assert got.payload == ippkt.parse(pkt).payload  # the inner packet is otherwise untouched
-    c = rig.proxy.counters()
+    c = _settled(rig.proxy, tun_rx_packets=1, udp_tx_packets=1, udp_tx_bytes=len(pkt))
     assert (c["tun_rx_packets"], c["udp_tx_packets"], c["udp_tx_bytes"]) == (1, 1, len(pkt))
 
 
@@ -100,7 +106,7 @@ def test_udp_to_tun_writes_the_packet_with_ttl_decremented(rig):
         got = ippkt.parse(rig.tun.recv(65535))
         assert got.ttl == ttl - 1 and got.header_ok
         assert got.payload.endswith(b"payload")
-    assert rig.proxy.counters()["tun_tx_packets"] == 3
+    assert _settled(rig.proxy, tun_tx_packets=3)["tun_tx_packets"] == 3
 
 
 def test_checksum_stays_valid_for_random_headers(rig):
@@ -123,7 +129,7 @@ def test_ttl_expiring_packets_are_dropped_both_ways(rig):
     rig.from_peer(ippkt.udp_packet("10.10.2.7", "10.10.1.5", b"lives", ttl=2))
     got = ippkt.parse(rig.tun.recv(65535))
     assert got.payload.endswith(b"lives") and got.ttl == 1
-    assert rig.proxy.counters()["drop_ttl"] == 3
+    assert _settled(rig.proxy, drop_ttl=3)["drop_ttl"] == 3
 
 
 # ---------------------------------------------------------------------------- ICMP errors
@@ -137,7 +143,7 @@ def test_unknown_destination_gets_icmp_net_unreachable(rig):
     assert (err.icmp_type, err.icmp_code) == (3, 0)
     assert err.header_ok and err.icmp_ok
     assert err.payload[8:] == pkt[:28]  # the offending header and 8 bytes of its payload
-    c = rig.proxy.counters()
+    c = _settled(rig.proxy, drop_no_route=1, icmp_sent=1)
     assert (c["drop_no_route"], c["icmp_sent"], c["udp_tx_packets"]) == (1, 1, 0)
 
 
@@ -155,7 +161,7 @@ def test_no_icmp_about_icmp_errors_or_non_first_fragments(rig):
     rig.tun.send(first_fragment)
     err = ippkt.parse(rig.tun.recv(65535))
     assert err.payload[8:] == first_fragment[:28]  # the first answer is about the last packet
-    c = rig.proxy.counters()
+    c = _settled(rig.proxy, drop_no_route=len(silent) + 1, icmp_sent=1)
     assert (c["drop_no_route"], c["icmp_sent"]) == (len(silent) + 1, 1)
 
 
@@ -164,7 +170,7 @@ def test_icmp_errors_are_rate_limited():
     try:
         for i in range(300):
             rig.tun.send(ippkt.udp_packet("10.10.1.5", f"10.10.99.{i % 250 + 1}", b"x"))
-        c = _wait_counter(rig.proxy, "drop_no_route", 300)
+        c = _settled(rig.proxy, drop_no_route=300)
         assert c["drop_no_route"] == 300
         # a burst of 50 plus a refill of 100/s for however long this took
         assert 50 <= c["icmp_sent"] < 300
@@ -188,7 +194,7 @@ def test_runts_oversize_and_bad_headers_are_counted_not_fatal(rig):
     for pkt in (b"", b"abc", b"z" * (MTU + 1), b"w" * 9000, v6, good):
         rig.from_peer(pkt)
     assert ippkt.parse(rig.tun.recv(65535)).payload.endswith(b"still alive")
-    c = rig.proxy.counters()
+    c = _settled(rig.proxy, drop_runt=4, drop_oversize=3, drop_bad_header=4, tun_tx_packets=1)
     assert (c["drop_runt"], c["drop_oversize"], c["drop_bad_header"]) == (4, 3, 4)
     assert (c["udp_tx_packets"], c["tun_tx_packets"]) == (1, 1)
     assert rig.proxy.running
@@ -229,6 +235,7 @@ def test_route_arguments_are_checked():
             Proxy(-1, rig.udp.fileno(), TUN_ADDR, MTU)
         with pytest.raises(BackendError, match="batch 0"):
             Proxy(rig.tun.fileno(), rig.udp.fileno(), TUN_ADDR, MTU, batch=0)
+        _settled(rig.proxy, polls=1)  # the loop has started
         with pytest.raises(BackendError, match="look up"):
             rig.proxy.lookup(IPv4Address("10.10.2.1"))  # only while not running
     finally:
@@ -328,3 +335,73 @@ def test_stop_event_ends_the_loop_and_a_dead_tun_sets_it():
         proxy.close()
         for s in (a, b, udp):
             s.close()
+
+
+# ---------------------------------------------------------------------------- real TUN
+
+@pytest.fixture(scope="module")
+def tun_rig():
+    """A proxy on a real TUN (10.10.1.0/16) in a fresh namespace, a peer socket on that
+    namespace's loopback standing in for the host of 10.10.2.0/24."""
+    from flannel.dataplane.tun import configure_tun, open_tun
+
+    with netns(f"fpx{uuid.uuid4().hex[:6]}px") as ns:
+        tun = run_in_netns(ns, open_tun, "flannel0")
+        udp = run_in_netns(ns, _udp_socket)
+        peer = run_in_netns(ns, _udp_socket)
+        proxy = None
+        try:
+            run_in_netns(ns, configure_tun, tun, IPv4Interface("10.10.1.0/16"), MTU,
+                         IPv4Network("10.10.0.0/16"))
+            proxy = Proxy(tun.fd, udp.fileno(), TUN_ADDR, MTU, batch=32)
+            proxy.set_route(PEER_NET, IPv4Address("127.0.0.1"), peer.getsockname()[1])
+            proxy.start(name="test-tun-proxy")
+            yield ns, proxy, udp, peer
+        finally:
+            if proxy is not None:
+                proxy.close()
+            for closer in (udp, peer, tun):
+                closer.close()
+
+
+def _ping(ns: str, dst: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(["ip", "netns", "exec", ns, "ping", "-n", "-c1", "-W5", *args, dst],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _next_ipv4(sock: socket.socket) -> bytes:
+    while True:
+        data = sock.recv(65535)
+        if data and data[0] >> 4 == 4:
+            return data
+
+
+@pytest.mark.parametrize("size", [56, MTU - 28])
+@pytest.mark.needs_root
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: creates a namespace and a TUN")
+def test_kernel_ping_through_a_real_tun(tun_rig, size):
+    ns, proxy, udp, peer = tun_rig
+    ping = _ping(ns, "10.10.2.7", "-s", str(size), "-M", "do")
+    try:
+        request = _next_ipv4(peer)
+        got = ippkt.parse(request)
+        assert (str(got.src), str(got.dst), got.icmp_type) == ("10.10.1.0", "10.10.2.7", 8)
+        assert got.ttl == 63 and got.header_ok and len(request) == size + 28
+        peer.sendto(ippkt.echo_reply_for(request), udp.getsockname())
+        out, _ = ping.communicate(timeout=30)
+    finally:
+        if ping.poll() is None:
+            ping.kill()
+            ping.wait()
+    assert ping.returncode == 0, out
+    assert "ttl=63" in out  # the reply left the "peer" with 64 and crossed our proxy
+
+
+@pytest.mark.needs_root
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: creates a namespace and a TUN")
+def test_unknown_destination_answered_to_the_kernel(tun_rig):
+    ns, proxy, _udp, _peer = tun_rig
+    ping = _ping(ns, "10.10.99.1")
+    out, _ = ping.communicate(timeout=30)
+    assert ping.returncode != 0
+    assert "From 10.10.1.0" in out and "Destination Net Unreachable" in out, out
