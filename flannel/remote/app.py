@@ -109,16 +109,14 @@ class Application:
         lease = api.decode_lease(_body(request))
         if lease.subnet != subnet:
             raise RemoteError(f"lease body is for {lease.subnet} but the URL names {subnet}")
-        self._authorize(request, lease.attrs.public_ip, f"renew the lease of {subnet}")
+        action = f"renew the lease of {subnet}"
+        self._authorize(request, lease.attrs.public_ip, action)
+        self._authorize_holder(request, network, subnet, action)
         return _json(self.manager.renew_lease(network, lease).to_dict())
 
     def _lease_delete(self, request, network, subnet):
         network, subnet = api.parse_network_segment(network), api.parse_subnet_segment(subnet)
-        if self._identity(request) is not None:
-            current = self.manager.watch_lease(network, subnet, None, 0.0).snapshot
-            if not current:
-                raise NotFoundError(f"no lease for {subnet}")
-            self._authorize(request, current[0].attrs.public_ip, f"revoke the lease of {subnet}")
+        self._authorize_holder(request, network, subnet, f"revoke the lease of {subnet}")
         self.manager.revoke_lease(network, subnet)
         return Response(status=200)
 
@@ -185,6 +183,17 @@ class Application:
     @staticmethod
     def _identity(request):
         return peer_ips(request.environ.get("werkzeug.socket"))
+
+    def _authorize_holder(self, request, network: str, subnet: IPv4Network, action: str) -> None:
+        """With client certificates, the lease as stored must be the client's too (a body
+        can claim any PublicIP)."""
+        if self._identity(request) is None:
+            return
+        current = self.manager.watch_lease(network, subnet, None, 0.0)
+        leases = current.snapshot or [e.lease for e in current.events if e.type != "removed"]
+        if not leases:
+            raise NotFoundError(f"no lease for {subnet} in network {network or '(default)'}")
+        self._authorize(request, leases[0].attrs.public_ip, action)
 
     def _authorize(self, request, public_ip, action: str) -> None:
         """With client certificates, a client acts only for the PublicIP its certificate names."""
