@@ -66,6 +66,8 @@ class EtcdRegistry:
         password: Optional[str] = None,
         timeout: float = REQUEST_TIMEOUT,
     ):
+        if isinstance(endpoints, str):
+            endpoints = [url for url in endpoints.split(",") if url.strip()]
         if not endpoints:
             raise ConfigError("etcd endpoints: at least one endpoint URL is needed")
         self.prefix = keys.normalize_prefix(prefix)
@@ -76,6 +78,11 @@ class EtcdRegistry:
         self._current = 0
         self._lock = threading.Lock()
         self._warned_keys: set = set()
+
+    def close(self) -> None:
+        """Drop pooled connections (a parked watch's socket included)."""
+        for client in self._clients:
+            client.http.clear()
 
     def __repr__(self) -> str:
         return f"EtcdRegistry({self.endpoints!r}, prefix={self.prefix!r})"

@@ -78,6 +78,9 @@ class LocalManager(SubnetManager):
     def get_network_config(self, network: str) -> NetworkConfig:
         return self.registry.get_network_config(network)
 
+    def close(self) -> None:
+        self.registry.close()
+
     # -- acquire ----------------------------------------------------------------------
 
     def acquire_lease(self, network: str, attrs: LeaseAttrs, prefer: Optional[IPv4Network] = None) -> Lease:

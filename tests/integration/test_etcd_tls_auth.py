@@ -3,11 +3,12 @@ dead first endpoint (failover)."""
 
 import json
 import logging
+import re
 from ipaddress import IPv4Address
 
 import pytest
 
-from flannel.errors import RegistryError
+from flannel.errors import ConfigError, RegistryError
 from flannel.subnet.etcd_registry import EtcdRegistry
 from flannel.subnet.local_manager import LocalManager
 from flannel.subnet.models import LeaseAttrs
@@ -127,3 +128,21 @@ def test_all_endpoints_dead(prefix):
     endpoints = [f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"]
     with pytest.raises(RegistryError, match="cannot reach etcd at " + endpoints[0]):
         acquire(EtcdRegistry(endpoints, prefix))
+
+
+@pytest.mark.parametrize("endpoints,message", [
+    ([], "at least one endpoint"),
+    (["127.0.0.1:2379"], "is not an http(s)://host:port URL"),
+    (["http://127.0.0.1:notaport"], "has an invalid port"),
+])
+def test_bad_endpoints_are_config_errors(endpoints, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        EtcdRegistry(endpoints)
+
+
+def test_endpoints_may_be_one_comma_separated_string(etcd, prefix):
+    etcd.client().write(prefix + "/config", CONFIG)
+    registry = EtcdRegistry(f"http://127.0.0.1:{free_port()},{etcd.endpoint}", prefix)
+    assert registry.endpoints[1] == etcd.endpoint
+    assert registry.get_network_config("").subnet_len == 24
+    registry.close()
