@@ -58,22 +58,24 @@ class HostGwBackend(Backend):
     def apply(self, events: Iterable[Event]) -> None:
         own = self.lease.subnet if self.lease else None
         removed, added = split_batch(events, own, self.type_name)
+        if not removed and not added:
+            return
         errors = []
+        index = self.ext_iface.index
         with self._lock:
+            state = netlink.read_state()  # one dump per batch, not one per peer
             for subnet in removed:
                 self._routes.pop(subnet, None)
-                netlink.remove_route(subnet, self.ext_iface.index)
-                log.info("peer %s removed", subnet)
+                if netlink.remove_route(subnet, index, state=state):
+                    log.info("peer %s removed", subnet)
             for lease in added:
                 self._routes[lease.subnet] = lease.attrs.public_ip
                 try:
-                    netlink.ensure_route(lease.subnet, self.ext_iface.index, lease.attrs.public_ip)
+                    netlink.ensure_route(lease.subnet, index, lease.attrs.public_ip, state=state)
                 except BackendError as exc:
                     # the check loop retries it; report it once here
                     log.error("failed to add route for peer %s: %s", lease.subnet, exc)
                     errors.append(exc)
-                else:
-                    log.info("peer %s via %s", lease.subnet, lease.attrs.public_ip)
         if errors:
             raise errors[0]
 
@@ -104,15 +106,13 @@ class HostGwBackend(Backend):
     def restore_routes(self) -> int:
         """Re-add every peer route that is missing or differs; returns how many were fixed."""
         with self._lock:
-            want = dict(self._routes)
-            have = {
-                r.dst: r.gateway
-                for r in netlink.list_routes(oif=self.ext_iface.index)
-                if r.dst in want
-            }
-            fixed = 0
-            for subnet, gateway in want.items():
-                if have.get(subnet) != gateway:
-                    netlink.ensure_route(subnet, self.ext_iface.index, gateway)
-                    fixed += 1
+            state = netlink.read_state()
+            fixed, errors = 0, []
+            for subnet, gateway in self._routes.items():
+                try:
+                    fixed += netlink.ensure_route(subnet, self.ext_iface.index, gateway, state=state)
+                except BackendError as exc:
+                    errors.append(exc)  # keep restoring the others
+        if errors:
+            raise errors[0]
         return fixed

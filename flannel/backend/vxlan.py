@@ -20,6 +20,7 @@ from typing import Iterable, Optional
 from flannel.backend.base import Backend, ExternalInterface
 from flannel.backend.peers import bool_option, describe, int_option, split_batch
 from flannel.dataplane import netlink
+from flannel.dataplane.kstate import KernelState
 from flannel.errors import BackendError
 from flannel.subnet.config import NetworkConfig
 from flannel.subnet.models import Event, Lease, LeaseAttrs
@@ -89,14 +90,21 @@ class VxlanBackend(Backend):
     def apply(self, events: Iterable[Event]) -> None:
         own = self.lease.subnet if self.lease else None
         removed, added = split_batch(events, own, self.type_name)
+        if not removed and not added:
+            return
         errors = []
         with self._lock:
             if self.dev_index is None:
                 self._ensure_device()
+            # one dump for the whole batch (a first snapshot may hold a thousand peers)
+            batch = _Batch(
+                netlink.read_state(self.dev_index),
+                netlink.connected_networks(self.ext_iface.index) if self.direct_routing else [],
+            )
             for subnet in removed:
-                errors += self._try(f"remove peer {subnet}", self._remove_peer, subnet)
+                errors += self._try(f"remove peer {subnet}", self._remove_peer, subnet, batch)
             for lease in added:
-                errors += self._try(f"add peer {lease.subnet}", self._add_peer, lease)
+                errors += self._try(f"add peer {lease.subnet}", self._add_peer, lease, batch)
         if errors:
             raise errors[0]
 
@@ -112,7 +120,7 @@ class VxlanBackend(Backend):
 
     # -- peers ----------------------------------------------------------------
 
-    def _peer_of(self, lease: Lease) -> Optional[_Peer]:
+    def _peer_of(self, lease: Lease, batch: "_Batch") -> Optional[_Peer]:
         data = lease.attrs.backend_data
         mac = data.get("VtepMAC") if isinstance(data, dict) else None
         if not isinstance(mac, str) or not _MAC.match(mac.lower()):
@@ -121,53 +129,59 @@ class VxlanBackend(Backend):
                 lease.subnet, lease.attrs.public_ip, describe(data),
             )
             return None
-        direct = self.direct_routing and any(
-            lease.attrs.public_ip in net for net in netlink.connected_networks(self.ext_iface.index)
-        )
+        direct = any(lease.attrs.public_ip in net for net in batch.connected)
         return _Peer(lease.attrs.public_ip, mac.lower(), direct)
 
-    def _add_peer(self, lease: Lease) -> None:
-        peer = self._peer_of(lease)
+    def _add_peer(self, lease: Lease, batch: "_Batch") -> None:
+        peer = self._peer_of(lease, batch)
         if peer is None:
             return
-        subnet = lease.subnet
+        subnet, state = lease.subnet, batch.state
         old = self._peers.get(subnet)
         if old is not None and old != peer:
             log.info("peer %s changed from %s to %s", subnet, old, peer)
             if old.direct != peer.direct:
-                self._drop_entries(subnet, old)
+                self._drop_entries(subnet, old, state)
             elif old.mac != peer.mac:
                 # the neighbour and route are replaced below; the old MAC's entry is not
-                self._drop_fdb(subnet, old.mac)
+                self._drop_fdb(subnet, old.mac, state)
         gateway = subnet.network_address
         if peer.direct:
-            netlink.ensure_route(subnet, self.ext_iface.index, peer.public_ip)
+            changed = netlink.ensure_route(subnet, self.ext_iface.index, peer.public_ip, state=state)
         else:
-            netlink.ensure_neighbour(self.dev_index, gateway, peer.mac)
-            netlink.ensure_fdb(self.dev_index, peer.mac, peer.public_ip)
-            netlink.ensure_route(subnet, self.dev_index, gateway, onlink=True)
+            changed = netlink.ensure_neighbour(self.dev_index, gateway, peer.mac, state)
+            changed |= netlink.ensure_fdb(self.dev_index, peer.mac, peer.public_ip, state)
+            changed |= netlink.ensure_route(subnet, self.dev_index, gateway, onlink=True, state=state)
         self._peers[subnet] = peer
-        log.info("peer %s at %s (VtepMAC %s%s)", subnet, peer.public_ip, peer.mac,
-                 ", direct route" if peer.direct else "")
+        if changed:
+            log.info("peer %s at %s (VtepMAC %s%s)", subnet, peer.public_ip, peer.mac,
+                     ", direct route" if peer.direct else "")
 
-    def _remove_peer(self, subnet: IPv4Network) -> None:
+    def _remove_peer(self, subnet: IPv4Network, batch: "_Batch") -> None:
         peer = self._peers.pop(subnet, None)
         if peer is None:
             # not programmed by this process (e.g. before a restart): find what is there
-            mac = netlink.list_neighbours(self.dev_index).get(subnet.network_address)
+            mac = batch.state.neighbours.get(subnet.network_address)
             peer = _Peer(IPv4Address(0), mac or "", False)
-        self._drop_entries(subnet, peer)
+        self._drop_entries(subnet, peer, batch.state)
         log.info("peer %s removed", subnet)
 
-    def _drop_entries(self, subnet: IPv4Network, peer: _Peer) -> None:
-        """Remove the kernel entries of `peer` for `subnet`; a forwarding entry is kept while
-        another peer still uses the same MAC."""
-        netlink.remove_route(subnet, self.dev_index)
-        netlink.remove_route(subnet, self.ext_iface.index)
-        netlink.remove_neighbour(self.dev_index, subnet.network_address)
-        self._drop_fdb(subnet, peer.mac)
+    def _drop_entries(self, subnet: IPv4Network, peer: _Peer, state: KernelState) -> None:
+        netlink.remove_route(subnet, self.dev_index, state=state)
+        netlink.remove_route(subnet, self.ext_iface.index, state=state)
+        netlink.remove_neighbour(self.dev_index, subnet.network_address, state)
+        self._drop_fdb(subnet, peer.mac, state)
 
-    def _drop_fdb(self, subnet: IPv4Network, mac: str) -> None:
+    def _drop_fdb(self, subnet: IPv4Network, mac: str, state: KernelState) -> None:
+        """Remove `mac`'s forwarding entry unless another peer still uses that MAC."""
         in_use = any(p.mac == mac and not p.direct for s, p in self._peers.items() if s != subnet)
         if mac and not in_use:
-            netlink.remove_fdb(self.dev_index, mac)
+            netlink.remove_fdb(self.dev_index, mac, state=state)
+
+
+@dataclass
+class _Batch:
+    """What one apply() reads once: the kernel state and (for DirectRouting) our L2 segments."""
+
+    state: KernelState
+    connected: list

@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import logging
 import socket
-from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, ip_address
 from typing import Optional
 
@@ -18,6 +17,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from flannel.backend.base import ExternalInterface
+from flannel.dataplane.kstate import KernelState, Route, VxlanSpec
 from flannel.errors import BackendError
 
 log = logging.getLogger(__name__)
@@ -171,11 +171,6 @@ def link_mac(index: int) -> str:
         return _get_link(ipr, index).get("IFLA_ADDRESS")
 
 
-def link_mtu(index: int) -> int:
-    with _ipr() as ipr:
-        return _get_link(ipr, index).get("IFLA_MTU")
-
-
 def ensure_link_up(index: int, mtu: Optional[int] = None) -> None:
     """Set the link administratively up and, when given, its MTU; no-op when already so."""
     with _ipr() as ipr:
@@ -222,14 +217,9 @@ def connected_networks(index: int) -> list:
 
 # ---------------------------------------------------------------------------
 # routes (main table, IPv4)
-
-
-@dataclass(frozen=True)
-class Route:
-    dst: IPv4Network
-    oif: Optional[int]
-    gateway: Optional[IPv4Address]
-    onlink: bool
+#
+# Every ensure/remove below takes an optional `state` (a KernelState from read_state): with
+# it, no dump is made and the state is updated; without it, the function reads what it needs.
 
 
 def _route_of(msg) -> Route:
@@ -254,16 +244,25 @@ def list_routes(oif: Optional[int] = None, dst: Optional[IPv4Network] = None) ->
     ]
 
 
+def read_state(index: Optional[int] = None) -> KernelState:
+    """One dump of the main table and, when `index` is given, of that link's permanent
+    neighbours and forwarding entries."""
+    if index is None:
+        return KernelState.of(list_routes(), {}, [])
+    return KernelState.of(list_routes(), list_neighbours(index), list_fdb(index))
+
+
 def ensure_route(
     dst: IPv4Network,
     oif: int,
     gateway: Optional[IPv4Address] = None,
     onlink: bool = False,
+    state: Optional[KernelState] = None,
 ) -> bool:
     """Make the main table route `dst` via `gateway` on link `oif`. A route to `dst` that
     differs is replaced. Returns True when the kernel was changed."""
     want = Route(dst, oif, gateway, onlink)
-    current = list_routes(dst=dst)
+    current = state.routes_to(dst) if state is not None else list_routes(dst=dst)
     if current == [want]:
         return False
     spec = {"dst": str(dst), "oif": oif, "table": MAIN_TABLE}
@@ -276,8 +275,10 @@ def ensure_route(
         for old in current:
             if old != want:
                 _delete_route(ipr, old)
-        _nl_call(f"add route {_route_text(want)}", ipr.route, "replace", **spec)
-    log.info("route %s%s", _route_text(want), " (replaced a stale one)" if current else "")
+        _nl_call(f"add route {want}", ipr.route, "replace", **spec)
+    if state is not None:
+        state.routes[dst] = [want]
+    log.info("route %s%s", want, " (replaced a stale one)" if current else "")
     return True
 
 
@@ -285,15 +286,19 @@ def remove_route(
     dst: IPv4Network,
     oif: Optional[int] = None,
     gateway: Optional[IPv4Address] = None,
+    state: Optional[KernelState] = None,
 ) -> bool:
     """Delete the main-table routes to `dst` (only those via `oif`/`gateway` when given).
     Returns True when something was deleted; an absent route is not an error."""
+    current = state.routes_to(dst, oif) if state is not None else list_routes(oif=oif, dst=dst)
     removed = False
     with _ipr() as ipr:
-        for old in list_routes(oif=oif, dst=dst):
+        for old in current:
             if gateway is not None and old.gateway != gateway:
                 continue
             removed |= _delete_route(ipr, old)
+            if state is not None:
+                state.forget_route(old)
     return removed
 
 
@@ -303,34 +308,14 @@ def _delete_route(ipr: IPRoute, route: Route) -> bool:
         spec["oif"] = route.oif
     if route.gateway is not None:
         spec["gateway"] = str(route.gateway)
-    removed = _nl_remove(f"remove route {_route_text(route)}", ipr.route, "del", **spec)
+    removed = _nl_remove(f"remove route {route}", ipr.route, "del", **spec)
     if removed:
-        log.info("removed route %s", _route_text(route))
+        log.info("removed route %s", route)
     return removed
-
-
-def _route_text(route: Route) -> str:
-    text = str(route.dst)
-    if route.gateway is not None:
-        text += f" via {route.gateway}"
-    text += f" dev #{route.oif}"
-    return text + (" onlink" if route.onlink else "")
 
 
 # ---------------------------------------------------------------------------
 # VXLAN device, neighbours and forwarding entries
-
-
-@dataclass(frozen=True)
-class VxlanSpec:
-    """What a VXLAN device must look like for the vxlan backend."""
-
-    name: str
-    vni: int
-    port: int
-    local: IPv4Address
-    dev_index: int
-    gbp: bool = False
 
 
 def _vxlan_mismatch(link, spec: VxlanSpec) -> Optional[str]:
@@ -396,19 +381,26 @@ def list_neighbours(index: int) -> dict:
     }
 
 
-def ensure_neighbour(index: int, ip: IPv4Address, mac: str) -> bool:
+def ensure_neighbour(index: int, ip: IPv4Address, mac: str, state: Optional[KernelState] = None) -> bool:
     """A permanent neighbour entry ip -> mac on the link. Returns True when changed."""
-    if list_neighbours(index).get(ip) == mac.lower():
+    mac = mac.lower()
+    current = state.neighbours if state is not None else list_neighbours(index)
+    if current.get(ip) == mac:
         return False
     with _ipr() as ipr:
         _nl_call(
             f"set neighbour {ip} lladdr {mac} on link #{index}", ipr.neigh, "replace",
             ifindex=index, dst=str(ip), lladdr=mac, state=NUD_PERMANENT,
         )
+    if state is not None:
+        state.neighbours[ip] = mac
     return True
 
 
-def remove_neighbour(index: int, ip: IPv4Address) -> bool:
+def remove_neighbour(index: int, ip: IPv4Address, state: Optional[KernelState] = None) -> bool:
+    if state is not None:
+        if state.neighbours.pop(ip, None) is None:
+            return False
     with _ipr() as ipr:
         return _nl_remove(
             f"remove neighbour {ip} on link #{index}", ipr.neigh, "del", ifindex=index, dst=str(ip)
@@ -426,14 +418,20 @@ def list_fdb(index: int) -> list:
     ]
 
 
-def ensure_fdb(index: int, mac: str, dst: IPv4Address) -> bool:
+def _fdb_dsts(index: int, mac: str, state: Optional[KernelState]) -> list:
+    if state is not None:
+        return list(state.fdb.get(mac, ()))
+    return [dst for emac, dst in list_fdb(index) if emac == mac]
+
+
+def ensure_fdb(index: int, mac: str, dst: IPv4Address, state: Optional[KernelState] = None) -> bool:
     """Exactly one permanent forwarding entry mac -> dst on the VXLAN link. Returns True when changed."""
     mac = mac.lower()
-    entries = [e for e in list_fdb(index) if e[0] == mac]
-    if entries == [(mac, dst)]:
+    current = _fdb_dsts(index, mac, state)
+    if current == [dst]:
         return False
     with _ipr() as ipr:
-        for _mac, old in entries:
+        for old in current:
             if old != dst:
                 _delete_fdb(ipr, index, mac, old)
         _nl_call(
@@ -441,16 +439,23 @@ def ensure_fdb(index: int, mac: str, dst: IPv4Address) -> bool:
             ifindex=index, lladdr=mac, dst=str(dst), state=NUD_PERMANENT | NUD_NOARP,
             flags=NTF_SELF,
         )
+    if state is not None:
+        state.fdb[mac] = [dst]
     return True
 
 
-def remove_fdb(index: int, mac: str, dst: Optional[IPv4Address] = None) -> bool:
+def remove_fdb(
+    index: int, mac: str, dst: Optional[IPv4Address] = None, state: Optional[KernelState] = None
+) -> bool:
     """Remove the forwarding entries of `mac` (only the one to `dst` when given)."""
+    mac = mac.lower()
     removed = False
     with _ipr() as ipr:
-        for emac, edst in list_fdb(index):
-            if emac == mac.lower() and (dst is None or edst == dst):
-                removed |= _delete_fdb(ipr, index, emac, edst)
+        for edst in _fdb_dsts(index, mac, state):
+            if dst is None or edst == dst:
+                removed |= _delete_fdb(ipr, index, mac, edst)
+                if state is not None:
+                    state.forget_fdb(mac, edst)
     return removed
 
 

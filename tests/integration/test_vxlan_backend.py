@@ -210,6 +210,31 @@ def test_direct_routing_for_peers_on_the_segment(ns, agent, ext):
 
 
 @root_only
+def test_large_batch_then_a_resync_then_removal(ns, agent, ext):
+    """One batch of many peers (one kernel dump per batch) programs each exactly once."""
+    dev, count = "flannel.17", 200
+    peers = [
+        lease(f"10.10.{i}.0/24", f"172.16.{i}.1", f"2e:bb:00:00:00:{i:02x}") for i in range(2, 2 + count)
+    ]
+    agent.new("dev7", VX, ext, config(VNI=17))
+    agent.invoke("dev7", "lease_attrs")
+    agent.invoke("dev7", "start", lease("10.10.1.0/24", "192.168.77.1", "aa:aa:aa:aa:aa:aa"), STOP)
+    agent.invoke("dev7", "apply", added(*peers))
+    agent.invoke("dev7", "apply", added(*peers))
+    neigh, fdb, routes = peer_state(ns, dev)
+    assert len(neigh) == len(fdb) == len(routes) == count
+    assert fdb[0] == ("2e:bb:00:00:00:02", "172.16.2.1")
+    # a peer that moved and one that left, in one batch with unchanged ones
+    batch = added(*peers[2:], lease("10.10.2.0/24", "172.16.99.1", "2e:bb:00:00:00:02"))
+    agent.invoke("dev7", "apply", batch + removed("10.10.3.0/24"))
+    neigh, fdb, routes = peer_state(ns, dev)
+    assert len(routes) == count - 1 and "10.10.3.0/24" not in routes
+    assert ("2e:bb:00:00:00:02", "172.16.99.1") in fdb and len(fdb) == count - 1
+    agent.invoke("dev7", "apply", removed(*(str(p.subnet) for p in peers)))
+    assert peer_state(ns, dev) == ({}, [], {})
+
+
+@root_only
 def test_kernel_refusal_is_a_backend_error_naming_the_peer(agent, ext):
     agent.new("dev6", VX, ext, config(VNI=16))
     agent.invoke("dev6", "lease_attrs")
