@@ -168,7 +168,7 @@ class EtcdRegistry:
             result = self._request(f"list leases under {key}", "read", key, recursive=True, quorum=True)
         except NotFoundError as exc:
             return [], error_index(exc)
-        raws = [self._decode_node(node) for node in result._children if not node.get("dir")]
+        raws = [self._decode_node(node) for node in result._children]
         return [raw for raw in raws if raw is not None], result.etcd_index
 
     def get_subnet(self, network: str, subnet: IPv4Network) -> RawLease:
@@ -217,11 +217,8 @@ class EtcdRegistry:
         result = self._wait(f"watch {key}", key, after, timeout)
         if result is None:
             return None
-        node_key = result.key or ""
-        if node_key.rstrip("/") in (base, keys.network_dir(self.prefix, network)) or (
-            result.dir and result.action in _REMOVED_ACTIONS
-        ):
-            raise SnapshotNeeded(f"{result.action} of directory {node_key}")
+        if result.action in _REMOVED_ACTIONS and _is_ancestor(result.key, base):
+            raise SnapshotNeeded(f"{result.action} of directory {result.key}")
         return self._subnet_event(result), result.modifiedIndex
 
     def watch_networks(self, after: int, timeout: float) -> Optional[Tuple[List[Event], int]]:
@@ -232,8 +229,8 @@ class EtcdRegistry:
             return None
         key = result.key or ""
         removed = result.action in _REMOVED_ACTIONS
-        if key.rstrip("/") == self.prefix:
-            raise SnapshotNeeded(f"{result.action} of the prefix {key}")
+        if removed and _is_ancestor(key, self.prefix):
+            raise SnapshotNeeded(f"{result.action} of directory {key}")
         name = keys.network_of_config_key(self.prefix, key)
         if name is None and result.dir and removed:
             parent = key[len(self.prefix) + 1 :]
@@ -266,8 +263,8 @@ class EtcdRegistry:
         """A raw etcd node -> RawLease; None (with one warning per key) if it is not a lease."""
         key = node.get("key") or ""
         subnet = keys.key_to_subnet(key)
-        if subnet is None:
-            self._warn_key(key, "not a subnet key")
+        if subnet is None or node.get("dir"):
+            self._warn_key(key, "a directory, not a lease" if node.get("dir") else "not a subnet key")
             return None
         value = node.get("value") or ""
         try:
@@ -304,6 +301,12 @@ def _make_client(url: str, timeout: float, tls: dict, auth: dict) -> etcd.Client
         total=None, connect=0, read=0, status=0, other=0, redirect=5
     )
     return client
+
+
+def _is_ancestor(key: Optional[str], path: str) -> bool:
+    """True when `key` is `path` or one of its parent directories: deleting it deletes `path`."""
+    key = (key or "").rstrip("/")
+    return (path + "/").startswith(key + "/")
 
 
 def _node_of(result) -> dict:

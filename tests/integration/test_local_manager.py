@@ -266,3 +266,15 @@ def test_watch_networks(etcd, prefix):
     got = mgr.watch_networks(got.cursor, 5)
     assert got.events == (Event(REMOVED, network="red"),)
     assert mgr.watch_networks(got.cursor, 0.3).events == ()
+
+
+def test_subnets_directory_deleted_gives_a_snapshot(etcd, prefix):
+    put_config(etcd, prefix)
+    mgr = manager(etcd, prefix)
+    mgr.acquire_lease("", attrs(1))
+    etcd.client().write(prefix + "/subnets/extra/x", "a directory under subnets")
+    snap = mgr.watch_leases("", None, 1)
+    assert len(snap.snapshot) == 1  # the directory is ignored
+    etcd.client().delete(prefix + "/subnets", recursive=True)
+    got = mgr.watch_leases("", snap.cursor, 5)
+    assert got.snapshot == () and got.events == () and int(got.cursor) > int(snap.cursor)
