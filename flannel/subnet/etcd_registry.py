@@ -23,7 +23,7 @@ import urllib3
 from flannel.errors import ConfigError, LeaseError, NotFoundError, RegistryError
 from flannel.subnet import keys
 from flannel.subnet.config import NetworkConfig
-from flannel.subnet.models import ADDED, DecodeError, Event, Lease, LeaseAttrs, parse_time
+from flannel.subnet.models import ADDED, REMOVED, DecodeError, Event, Lease, LeaseAttrs, parse_time
 
 log = logging.getLogger(__name__)
 # python-etcd logs every failed request at ERROR; outages are reported once by our callers
@@ -237,7 +237,7 @@ class EtcdRegistry:
             name = parent if keys.is_valid_network_name(parent) else None
         if name is None:
             return [], result.modifiedIndex
-        return [Event("removed" if removed else ADDED, network=name)], result.modifiedIndex
+        return [Event(REMOVED if removed else ADDED, network=name)], result.modifiedIndex
 
     def _wait(self, action: str, key: str, after: int, timeout: float):
         try:
