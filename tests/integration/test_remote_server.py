@@ -11,7 +11,7 @@ import etcd as etcd_lib
 import pytest
 import requests
 
-from flannel.errors import LeaseTakenError, NotFoundError, RegistryError, RemoteError
+from flannel.errors import LeaseTakenError, NotFoundError, OptionsError, RegistryError, RemoteError
 from flannel.remote import api
 from flannel.remote.client import RemoteManager
 from flannel.remote.server import Server, serve
@@ -250,3 +250,13 @@ def test_watcher_resumes_from_its_cursor_after_a_server_restart(etcd, prefix):
         assert client.renew_lease("", mine).subnet == mine.subnet  # the lease is intact
     finally:
         srv.stop()
+
+
+def test_listen_errors_are_clear(etcd, prefix):
+    manager = local_manager(etcd, prefix)
+    with running_server(manager) as srv:
+        with pytest.raises(RemoteError, match=f"failed to listen on 127.0.0.1:{srv.port}"):
+            Server(f"127.0.0.1:{srv.port}", manager)
+    for bad in ("8888", "host:port", "fd://x", "127.0.0.1:70000"):
+        with pytest.raises(OptionsError, match="--listen"):
+            Server(bad, manager)
