@@ -41,6 +41,7 @@ class RemoteManager(SubnetManager):
         check_client_files(cafile, certfile, keyfile)
         tls = bool(cafile or certfile or keyfile)
         self.base = f"{'https' if tls else 'http'}://{remote}"
+        self.poll_grace = POLL_GRACE
         self._verify = cafile if cafile else True
         self._cert = (certfile, keyfile) if certfile else None
         # a session per thread: the network loop, the lease watcher and the renewer
@@ -154,7 +155,7 @@ class RemoteManager(SubnetManager):
         if cursor is not None:
             params[api.NEXT] = cursor
         try:
-            resp = self._request("GET", path, action, params=params, read_timeout=timeout + POLL_GRACE)
+            resp = self._request("GET", path, action, params=params, read_timeout=timeout + self.poll_grace)
         except requests.exceptions.ReadTimeout:
             if cursor is None:
                 raise RegistryError(f"failed to {action}: server {self.base} did not answer in time") from None

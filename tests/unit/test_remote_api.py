@@ -328,3 +328,27 @@ def test_stop_ends_parked_polls_at_once():
     t.join(5)
     assert not t.is_alive() and got[0].status_code == 200
     assert client.get("/v1/_/config").status_code == 503
+
+
+def test_client_ends_a_poll_that_a_go_server_never_answers():
+    """A Go server ignores `wait` and parks until a change: the read timeout ends the poll
+    with an empty result and the same cursor, as the SubnetManager contract says."""
+    import socket
+
+    from flannel.remote.client import RemoteManager
+
+    silent = socket.create_server(("127.0.0.1", 0))
+    held = []
+    accepter = threading.Thread(target=lambda: held.append(silent.accept()), daemon=True)
+    accepter.start()
+    try:
+        client = RemoteManager(f"127.0.0.1:{silent.getsockname()[1]}")
+        client.poll_grace = 0.2
+        result = client.watch_leases("", "41", 0.1)
+        assert result == WatchResult(cursor="41")
+        with pytest.raises(RegistryError, match="did not answer"):
+            client.watch_leases("", None, 0.1)  # a snapshot request must be answered
+    finally:
+        silent.close()
+        for conn, _ in held:
+            conn.close()
