@@ -57,7 +57,7 @@ class HostGwBackend(Backend):
 
     def apply(self, events: Iterable[Event]) -> None:
         own = self.lease.subnet if self.lease else None
-        removed, added = split_batch(events, own, self.type_name)
+        removed, added = split_batch(events, own, self.type_name, self.ext_iface.ext_addr)
         if not removed and not added:
             return
         errors = []

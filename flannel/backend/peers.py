@@ -9,7 +9,7 @@ does not lose the new entries to the removal of the old ones.
 from __future__ import annotations
 
 import logging
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 from typing import Any, Iterable, Optional
 
 from flannel.errors import ConfigError
@@ -39,11 +39,16 @@ def bool_option(config: NetworkConfig, name: str) -> bool:
 
 
 def split_batch(
-    events: Iterable[Event], own_subnet: Optional[IPv4Network], backend_type: str
+    events: Iterable[Event],
+    own_subnet: Optional[IPv4Network],
+    backend_type: str,
+    own_ip: Optional[IPv4Address] = None,
 ) -> tuple:
     """(subnets to remove, leases to add or update) for one batch. Our own subnet never
-    appears; leases of another backend type are skipped with a warning (they cannot be
-    reached through this data path, as Go flanneld also decides)."""
+    appears. Leases of another backend type are skipped with a warning (they cannot be
+    reached through this data path, as Go flanneld also decides), and so are other leases
+    with our own public IP (a lease we held before, not yet expired): a route via ourselves
+    would loop."""
     last: dict = {}
     for event in events:
         if event.lease is None:
@@ -60,6 +65,9 @@ def split_batch(
                 "ignoring lease %s of %s: its BackendType is %r, not %r",
                 subnet, event.lease.attrs.public_ip, event.lease.attrs.backend_type, backend_type,
             )
+            removed.append(subnet)
+        elif own_ip is not None and event.lease.attrs.public_ip == own_ip:
+            log.warning("ignoring lease %s: it has our own public IP %s", subnet, own_ip)
             removed.append(subnet)
         else:
             added.append(event.lease)

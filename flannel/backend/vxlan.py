@@ -20,7 +20,7 @@ from typing import Iterable, Optional
 from flannel.backend.base import Backend, ExternalInterface
 from flannel.backend.peers import bool_option, describe, int_option, split_batch
 from flannel.dataplane import netlink
-from flannel.dataplane.kstate import KernelState
+from flannel.dataplane.kstate import KernelState, VxlanSpec
 from flannel.errors import BackendError
 from flannel.subnet.config import NetworkConfig
 from flannel.subnet.models import Event, Lease, LeaseAttrs
@@ -47,7 +47,7 @@ class VxlanBackend(Backend):
         super().__init__(ext_iface, config)
         vni = int_option(config, "VNI", DEFAULT_VNI, 0, (1 << 24) - 1)
         port = int_option(config, "Port", DEFAULT_PORT, 0, 65535)
-        self.spec = netlink.VxlanSpec(
+        self.spec = VxlanSpec(
             name=f"flannel.{vni}",
             vni=vni,
             port=port or DEFAULT_PORT,
@@ -89,7 +89,7 @@ class VxlanBackend(Backend):
 
     def apply(self, events: Iterable[Event]) -> None:
         own = self.lease.subnet if self.lease else None
-        removed, added = split_batch(events, own, self.type_name)
+        removed, added = split_batch(events, own, self.type_name, self.ext_iface.ext_addr)
         if not removed and not added:
             return
         errors = []

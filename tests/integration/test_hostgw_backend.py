@@ -89,7 +89,9 @@ def test_peer_routes_added_replaced_removed(agent, backend):
     # a stale route to the same subnet (an earlier peer, another metric) is replaced
     sh(ns, "ip route add 10.10.3.0/24 via 192.168.77.99 dev br0 metric 7")
     agent.invoke(backend, "apply", added(
-        lease("10.10.3.0/24", "192.168.77.3"), lease("10.10.4.0/24", "192.168.77.4", "vxlan")
+        lease("10.10.3.0/24", "192.168.77.3"),
+        lease("10.10.4.0/24", "192.168.77.4", "vxlan"),  # another backend: skipped
+        lease("10.10.8.0/24", "192.168.77.1"),  # an old lease of ours: a route via us would loop
     ))
     assert overlay_routes(ns) == {
         "10.10.2.0/24": ("192.168.77.2", "br0"), "10.10.3.0/24": ("192.168.77.3", "br0"),
