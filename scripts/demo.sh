@@ -12,6 +12,9 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 PYTHON=${PYTHON:-$REPO/.venv/bin/python}
 case "$PYTHON" in /*) ;; *) PYTHON="$PWD/$PYTHON" ;; esac
 
+# flanneld also reads FLANNELD_* variables: the demo's hosts take only what it passes them
+for var in $(compgen -e | grep '^FLANNELD_' || true); do unset "$var"; done
+
 NS_PREFIX=fdemo
 UNDERLAY=$NS_PREFIX-u
 HOSTS=(h1 h2)
@@ -119,8 +122,9 @@ say "/coreos.com/network/config = $CONFIG"
 bold "Starting flanneld on each host"
 declare -A FLANNELD
 for h in "${HOSTS[@]}"; do
+    : >"$WORK/$h/options.env"   # so that a machine-wide /etc/flannel/options.env stays out
     ip netns exec "$NS_PREFIX-$h" env PYTHONPATH="$REPO" "$PYTHON" -m flannel \
-        --etcd-endpoints=$ETCD --subnet-file="$WORK/$h/subnet.env" \
+        --config-file="$WORK/$h/options.env" --etcd-endpoints=$ETCD --subnet-file="$WORK/$h/subnet.env" \
         --subnet-dir="$WORK/$h/networks" >"$WORK/$h/flanneld.log" 2>&1 &
     PIDS+=($!); FLANNELD[$h]=$!
     say "$h: python -m flannel --etcd-endpoints=$ETCD --subnet-file=$WORK/$h/subnet.env  (pid $!)"

@@ -197,7 +197,11 @@ class Host:
         """Run `python -m flannel` here with this host's subnet file; `etcd=False` leaves out
         --etcd-endpoints (for --remote clients)."""
         assert self.flanneld is None or not self.flanneld.alive, f"{self.name}: flanneld runs already"
+        # our own (empty) options file: a machine-wide /etc/flannel/options.env must not leak in
+        options = self.workdir / "options.env"
+        options.touch()
         argv = [sys.executable, "-m", "flannel",
+                f"--config-file={options}",
                 f"--subnet-file={self.subnet_file}",
                 f"--subnet-dir={self.workdir / 'networks'}"]
         if etcd:
