@@ -36,9 +36,8 @@ def node(etcd, prefix, subnet):
     return etcd.client().read(key)
 
 
-def test_twenty_concurrent_hosts_get_distinct_subnets(etcd, prefix):
-    put_config(etcd, prefix)
-    barrier = threading.Barrier(20)
+def acquire_concurrently(etcd, prefix, hosts):
+    barrier = threading.Barrier(hosts)
     leases, errors = {}, []
 
     def host(n):
@@ -49,12 +48,18 @@ def test_twenty_concurrent_hosts_get_distinct_subnets(etcd, prefix):
         except Exception as exc:  # collected and reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=host, args=(n,), name=f"host-{n}") for n in range(1, 21)]
+    threads = [threading.Thread(target=host, args=(n,), name=f"host-{n}") for n in range(1, hosts + 1)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
     assert not errors
+    return leases
+
+
+def test_twenty_concurrent_hosts_get_distinct_subnets(etcd, prefix):
+    put_config(etcd, prefix)
+    leases = acquire_concurrently(etcd, prefix, 20)
     subnets = [lease.subnet for lease in leases.values()]
     assert len(set(subnets)) == 20
     stored = {raw.lease.subnet: raw.lease.attrs.public_ip for raw in
@@ -62,6 +67,16 @@ def test_twenty_concurrent_hosts_get_distinct_subnets(etcd, prefix):
     assert stored == {leases[n].subnet: IPv4Address(f"192.168.77.{n}") for n in leases}
     for lease in leases.values():
         assert 86000 < node(etcd, prefix, lease.subnet).ttl <= 86400
+
+
+def test_crowded_range_races_are_retried(etcd, prefix, caplog):
+    """12 hosts for 14 subnets: compare-and-swap races are likely and must be retried."""
+    put_config(etcd, prefix, {"Network": "10.10.0.0/16", "SubnetMin": "10.10.1.0", "SubnetMax": "10.10.14.0"})
+    caplog.set_level(logging.DEBUG, logger="flannel.subnet.local_manager")
+    leases = acquire_concurrently(etcd, prefix, 12)
+    assert len({lease.subnet for lease in leases.values()}) == 12
+    races = sum("lost a race" in r.getMessage() for r in caplog.records)
+    print(f"compare-and-swap races retried: {races}")
 
 
 def test_restart_reuses_the_lease_and_updates_attrs(etcd, prefix):
