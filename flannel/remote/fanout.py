@@ -275,18 +275,28 @@ class FanOut:
         return self._hub(None, self._manager.watch_networks, _NetworkKind, None)
 
     def _hub(self, key, fetch, kind, check) -> WatchHub:
+        hub = self._existing(key)
+        if hub is None:
+            if check is not None:
+                check()  # outside the lock: a slow store must not hold up other networks
+            with self._lock:
+                hub = self._hubs.get(key)
+                if hub is None or hub.closed:
+                    name = key if key is not None else "networks"
+                    hub = self._hubs[key] = WatchHub(name, fetch, kind, self._closing, self._window)
+                hub.last_used = time.monotonic()
+        hub.ensure_synced()
+        return hub
+
+    def _existing(self, key) -> Optional[WatchHub]:
         with self._lock:
             if self._closing.is_set():
                 raise RegistryError("the server is stopping")
             hub = self._hubs.get(key)
             if hub is None or hub.closed:
-                if check is not None:
-                    check()
-                name = key if key is not None else "networks"
-                hub = self._hubs[key] = WatchHub(name, fetch, kind, self._closing, self._window)
+                return None
             hub.last_used = time.monotonic()
-        hub.ensure_synced()
-        return hub
+            return hub
 
     def _reap(self) -> None:
         """Stop the watch of networks nobody asks about any more (e.g. a deleted network)."""

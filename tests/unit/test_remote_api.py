@@ -352,3 +352,24 @@ def test_client_ends_a_poll_that_a_go_server_never_answers():
         silent.close()
         for conn, _ in held:
             conn.close()
+
+
+def test_idle_hubs_stop_and_come_back_on_demand():
+    from flannel.remote.fanout import FanOut
+
+    manager = FakeManager()
+    fanout = FanOut(manager, idle=0.2)
+    try:
+        hub = fanout.leases("")
+        with pytest.raises(NotFoundError):
+            fanout.leases("red")  # no config: no hub, no watch
+        assert fanout.hub_count() == 1
+        deadline = time.monotonic() + 10
+        while fanout.hub_count() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert fanout.hub_count() == 0 and hub.closed
+        manager.acquire_lease("", LeaseAttrs(IPv4Address("192.168.77.3")))
+        items, _ = fanout.leases("").snapshot()
+        assert [str(l.attrs.public_ip) for l in items] == ["192.168.77.3"]
+    finally:
+        fanout.close()
