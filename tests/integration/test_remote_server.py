@@ -260,3 +260,30 @@ def test_listen_errors_are_clear(etcd, prefix):
     for bad in ("8888", "host:port", "fd://x", "127.0.0.1:70000"):
         with pytest.raises(OptionsError, match="--listen"):
             Server(bad, manager)
+
+
+def test_server_rides_out_an_etcd_outage(etcd, prefix):
+    put_config(etcd, prefix)
+    with running_server(local_manager(etcd, prefix)) as srv:
+        client = RemoteManager(f"127.0.0.1:{srv.port}")
+        first = client.acquire_lease("", attrs(1))
+        cursor = client.watch_leases("", None, 5).cursor
+        etcd.stop()
+        try:
+            with pytest.raises(RegistryError):  # a 503: retryable for the network loop
+                client.acquire_lease("", attrs(2))
+            # parked polls are not failed by the outage; they end with nothing new
+            quiet = client.watch_leases("", cursor, 0.5)
+            assert quiet.events == () and quiet.cursor == cursor
+        finally:
+            etcd.start()
+        second = client.acquire_lease("", attrs(2))
+        seen = set()
+        deadline = time.monotonic() + 40
+        while second.subnet not in seen and time.monotonic() < deadline:
+            result = client.watch_leases("", cursor, 10)
+            cursor = result.cursor
+            seen |= {e.lease.subnet for e in result.events}
+            seen |= {l.subnet for l in result.snapshot or ()}
+        assert second.subnet in seen  # the server's watch came back by itself
+        assert client.renew_lease("", first).subnet == first.subnet
