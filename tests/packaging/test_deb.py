@@ -1,0 +1,293 @@
+"""The .deb as an administrator meets it: built by scripts/build-deb.sh, lintian-clean,
+installed with apt-get, then the installed flanneld, units, init script and mk-docker-opts.sh
+are used for real (the daemon against a test etcd on loopback with the alloc backend, its
+options from the installed /etc/flannel/options.env). Removal keeps the config files, purge
+removes everything. The tests of this module run in order and share one installation."""
+
+from __future__ import annotations
+
+import json
+import os
+import glob
+import stat
+import subprocess
+import time
+import urllib.request
+from ipaddress import IPv4Interface, IPv4Network
+from pathlib import Path
+
+import pytest
+
+from flannel import __version__
+from tests.packaging.conftest import require_root, require_tools, run
+from tests.support.etcd import EtcdServer, etcd_available, free_port
+
+PKG = "flanneld"
+OPTIONS = Path("/etc/flannel/options.env")
+INIT = "/etc/init.d/flanneld"
+PIDFILE = Path("/run/flanneld.pid")
+LOGFILE = Path("/var/log/flanneld.log")
+UNITS = ["flanneld.service", "flanneld-server.service", "flanneld-server.socket"]
+NETWORK = IPv4Network("10.77.0.0/16")
+PREFIX = f"/test-packaging-{os.getpid()}/network"
+# Everything the package installs outside its Python modules and docs.
+PROGRAM_FILES = [
+    "/usr/bin/flanneld",
+    "/usr/libexec/flannel/mk-docker-opts.sh",
+    "/usr/share/man/man8/flanneld.8.gz",
+    "/lib/systemd/system/flanneld.service",
+    "/lib/systemd/system/flanneld-server.service",
+    "/lib/systemd/system/flanneld-server.socket",
+    "/usr/lib/python3/dist-packages/flannel/__init__.py",
+]
+CONFFILES = [str(OPTIONS), INIT]
+ENABLED_LINK = "/etc/systemd/system/multi-user.target.wants/flanneld.service"
+
+pytestmark = pytest.mark.needs_root
+
+
+def dpkg_status(pkg: str = PKG) -> str:
+    """'ii' installed, 'rc' removed with config files left, '' unknown to dpkg."""
+    proc = run(["dpkg-query", "-W", "-f=${db:Status-Abbrev}", pkg], check=False)
+    return proc.stdout.strip() if proc.returncode == 0 else ""
+
+
+def purge() -> None:
+    """Stop a daemon the tests started and purge the package; never fails the teardown."""
+    if PIDFILE.exists() and Path(INIT).exists():
+        run([INIT, "stop"], check=False, timeout=60)
+    if dpkg_status():
+        run(["dpkg", "--purge", PKG], check=False, env={"DEBIAN_FRONTEND": "noninteractive"})
+
+
+@pytest.fixture(scope="module")
+def installed(built_deb):
+    """The built .deb installed with apt-get for this module, purged afterwards."""
+    require_root()
+    require_tools("apt-get", "dpkg", "start-stop-daemon")
+    if dpkg_status():
+        pytest.skip(f"package {PKG} is already known to dpkg ({dpkg_status()}): not touching it")
+    if OPTIONS.exists() or Path(INIT).exists() or PIDFILE.exists():
+        pytest.skip(f"{OPTIONS}, {INIT} or {PIDFILE} exists and was not installed by this test")
+    try:
+        run(["apt-get", "install", "-y", "-q", "--no-install-recommends", built_deb],
+            env={"DEBIAN_FRONTEND": "noninteractive"}, timeout=600)
+        yield built_deb
+    finally:
+        purge()
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory):
+    if not etcd_available():
+        pytest.skip("needs the etcd binary /usr/bin/etcd (Debian package etcd-server)")
+    server = EtcdServer(tmp_path_factory.mktemp("etcd"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def configured(installed, etcd, tmp_path_factory):
+    """The installed options.env pointed at the test etcd; the network config written."""
+    workdir = tmp_path_factory.mktemp("flanneld")
+    subnet_file = workdir / "subnet.env"
+    etcd.client().write(f"{PREFIX}/config", json.dumps(
+        {"Network": str(NETWORK), "Backend": {"Type": "alloc"}}))
+    OPTIONS.write_text(
+        "# written by tests/packaging/test_deb.py\n"
+        f"FLANNELD_ETCD_ENDPOINTS={etcd.endpoint}\n"
+        f"FLANNELD_ETCD_PREFIX={PREFIX}\n"
+        "FLANNELD_IFACE=127.0.0.1\n"
+        # the alloc backend and no masquerading: nothing is changed in the root namespace
+        "FLANNELD_IP_MASQ=false\n"
+        f"FLANNELD_SUBNET_FILE={subnet_file}\n"
+    )
+    return {"subnet_file": subnet_file, "etcd": etcd}
+
+
+def read_env(path: Path) -> dict:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}; {log_tail()}")
+
+
+def log_tail() -> str:
+    return f"{LOGFILE}:\n" + (LOGFILE.read_text()[-3000:] if LOGFILE.exists() else "(none)")
+
+
+def daemon_pid() -> int:
+    return int(PIDFILE.read_text().strip())
+
+
+def test_lintian_finds_no_errors(built_deb):
+    require_tools("lintian")
+    proc = run(["lintian", "--allow-root", "--fail-on", "error", built_deb], check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not [line for line in proc.stdout.splitlines() if line.startswith("E:")]
+
+
+def test_package_metadata(built_deb):
+    fields = run(["dpkg-deb", "-f", built_deb, "Package", "Version", "Architecture",
+                  "Depends"]).stdout
+    assert f"Version: {__version__}\n" in fields
+    assert "Architecture: all" not in fields, "the compiled _proxy module makes it arch-specific"
+    for dep in ("python3-etcd", "python3-pyroute2", "python3-werkzeug", "python3-requests",
+                "python3-configargparse", "iproute2", "iptables"):
+        assert dep in fields
+    assert "python3-cffi-backend" in fields
+
+
+def test_installed_flanneld_prints_the_version(installed):
+    proc = run(["/usr/bin/flanneld", "--version"])
+    assert __version__ in proc.stdout
+    assert Path("/usr/bin/flanneld").read_text().startswith("#!/usr/bin/python3")
+
+
+def test_installed_files_and_modes(installed):
+    listed = run(["dpkg", "-L", PKG]).stdout.splitlines()
+    for path in PROGRAM_FILES + CONFFILES:
+        assert path in listed, f"{path} not in the package"
+        assert Path(path).exists(), path
+    compiled = [p for p in listed if "/flannel/_proxy" in p and p.endswith(".so")]
+    assert compiled, "compiled module flannel._proxy missing"
+    assert stat.S_IMODE(OPTIONS.stat().st_mode) == 0o600
+    for path in ("/usr/bin/flanneld", "/usr/libexec/flannel/mk-docker-opts.sh", INIT):
+        assert os.access(path, os.X_OK), f"{path} is not executable"
+    conffiles = run(["dpkg-query", "-W", "-f=${Conffiles}", PKG]).stdout
+    for path in CONFFILES:
+        assert f" {path} " in conffiles, f"{path} is not a conffile"
+
+
+def test_daemon_is_enabled_for_boot_but_not_started_and_server_not_enabled(installed):
+    assert os.path.islink(ENABLED_LINK), "flanneld.service enabled (systemd)"
+    assert glob.glob("/etc/rc2.d/S??flanneld"), "init script enabled (SysV)"
+    assert not glob.glob("/etc/systemd/system/*/flanneld-server.*")
+    assert not PIDFILE.exists(), "installing must not start the daemon before it is configured"
+
+
+def test_installed_python_imports_the_compiled_module(installed):
+    proc = run(["/usr/bin/python3", "-c",
+                "import flannel, flannel._proxy; print(flannel.__file__, flannel._proxy.__file__)"],
+               cwd="/")
+    assert proc.stdout.startswith("/usr/lib/python3/dist-packages/flannel/")
+
+
+def test_units_pass_systemd_analyze_verify(installed):
+    require_tools("systemd-analyze")
+    proc = run(["systemd-analyze", "verify", *[f"/lib/systemd/system/{u}" for u in UNITS]],
+               check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ours = [line for line in (proc.stdout + proc.stderr).splitlines() if "flanneld" in line]
+    assert not ours, ours
+
+
+def test_init_script_status_when_stopped(installed):
+    proc = run([INIT, "status"], check=False)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "not running" in proc.stdout + proc.stderr
+
+
+def test_init_script_runs_the_daemon_with_options_env(configured):
+    subnet_file, etcd = configured["subnet_file"], configured["etcd"]
+    start = run([INIT, "start"], check=False, timeout=60)
+    assert start.returncode == 0, start.stdout + start.stderr + log_tail()
+    try:
+        wait_for(lambda: subnet_file.exists() and "FLANNEL_SUBNET" in subnet_file.read_text(),
+                 60, f"{subnet_file}")
+        env = read_env(subnet_file)
+        assert env["FLANNEL_NETWORK"] == str(NETWORK)
+        subnet = IPv4Interface(env["FLANNEL_SUBNET"]).network
+        assert subnet.subnet_of(NETWORK) and subnet.prefixlen == 24
+        lease = etcd.client().read(f"{PREFIX}/subnets/{subnet.network_address}-24")
+        assert json.loads(lease.value)["PublicIP"] == "127.0.0.1"
+
+        pid = daemon_pid()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert b"/usr/bin/flanneld" in cmdline
+        status = run([INIT, "status"], check=False)
+        assert status.returncode == 0 and "is running" in status.stdout, status.stdout
+
+        run([INIT, "restart"], timeout=90)
+        assert daemon_pid() != pid
+        wait_for(lambda: run([INIT, "status"], check=False).returncode == 0, 30, "restart")
+        assert read_env(subnet_file)["FLANNEL_SUBNET"] == env["FLANNEL_SUBNET"]
+        pid = daemon_pid()
+    finally:
+        run([INIT, "stop"], timeout=60)
+    # stop returns only once the daemon has exited
+    assert not Path(f"/proc/{pid}").exists()
+    assert not PIDFILE.exists()
+    assert run([INIT, "status"], check=False).returncode == 3
+
+
+def test_mk_docker_opts_reads_the_daemons_subnet_file(configured, tmp_path):
+    subnet_file = configured["subnet_file"]
+    assert subnet_file.exists(), "written by the init script test"
+    out = tmp_path / "docker"
+    run(["/usr/libexec/flannel/mk-docker-opts.sh", "-f", subnet_file, "-d", out,
+         "-k", "DOCKER_NETWORK_OPTIONS"])
+    env = read_env(subnet_file)
+    text = out.read_text()
+    assert f'DOCKER_OPT_BIP="--bip={env["FLANNEL_SUBNET"]}"' in text
+    assert f'--mtu={env["FLANNEL_MTU"]}' in text
+    assert text.splitlines()[-1].startswith('DOCKER_NETWORK_OPTIONS=" --bip=')
+
+
+def test_server_unit_command_serves_a_socket_passed_by_systemd(configured):
+    """flanneld-server.service's ExecStart under systemd-socket-activate, which passes a
+    listening socket the way flanneld-server.socket does."""
+    require_tools("systemd-socket-activate")
+    port = free_port()
+    etcd = configured["etcd"]
+    proc = subprocess.Popen(
+        ["systemd-socket-activate", "-l", f"127.0.0.1:{port}",
+         "/usr/bin/flanneld", "--listen=fd://",
+         f"--etcd-endpoints={etcd.endpoint}", f"--etcd-prefix={PREFIX}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={"PATH": "/usr/bin:/bin"},
+    )
+    try:
+        def fetch():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/_/config", timeout=5) as r:
+                    return json.loads(r.read())
+            except OSError:
+                return None
+
+        config = wait_for(fetch, 30, "the socket-activated server to answer")
+        assert config["Network"] == str(NETWORK)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_remove_keeps_config_files_and_purge_removes_them(configured):
+    run(["dpkg", "-r", PKG], env={"DEBIAN_FRONTEND": "noninteractive"})
+    assert dpkg_status() == "rc"
+    for path in PROGRAM_FILES:
+        assert not Path(path).exists(), f"{path} left after dpkg -r"
+    assert "FLANNELD_ETCD_PREFIX" in OPTIONS.read_text(), "the administrator's options.env is kept"
+    # the init script is a conffile too; with the program gone it must do nothing
+    assert Path(INIT).exists()
+    assert not os.access(INIT, os.X_OK) or run([INIT, "start"], check=False).returncode == 0
+    assert not PIDFILE.exists()
+
+    run(["dpkg", "--purge", PKG], env={"DEBIAN_FRONTEND": "noninteractive"})
+    assert dpkg_status() == ""
+    leftovers = [p for p in [*CONFFILES, "/etc/flannel", str(LOGFILE), ENABLED_LINK]
+                 if os.path.lexists(p)] + glob.glob("/etc/rc?.d/[SK]??flanneld")
+    assert not leftovers, f"left after purge: {leftovers}"
