@@ -4,10 +4,12 @@ Watches are answered from the FanOut (one upstream watch per network). Every req
 an answer: bad input is a 4xx with a plain message, store trouble a 5xx, and an unexpected
 exception a logged 500; each change is one SubnetManager call, so nothing is left half-done.
 
-Long polls park for at most `poll_bound` seconds. A client that sent `wait` (ours) gets an
-empty result with its cursor when nothing changed; one that did not (Go's) gets a snapshot,
-because Go's watch loop treats a result without events as the full state and its single-lease
-watch reads the first event of a result without a snapshot.
+Long polls are bounded. A client that sent `wait` (ours) parks for at most `poll_bound`
+seconds and then gets an empty result with its cursor. One that did not (Go's) parks for at
+most `go_poll_bound` seconds and then gets a snapshot, because Go's watch loop treats a result
+without events as the full state and its single-lease watch reads the first event of a result
+without a snapshot; the longer bound keeps those snapshots rare while still freeing the thread
+of a client that vanished without closing its connection.
 """
 
 from __future__ import annotations
@@ -30,14 +32,17 @@ from flannel.subnet.models import Event, WatchResult
 log = logging.getLogger(__name__)
 
 POLL_BOUND = 30.0
+GO_POLL_BOUND = 300.0
 MAX_BODY = 64 * 1024
 
 
 class Application:
-    def __init__(self, manager: SubnetManager, poll_bound: float = POLL_BOUND):
+    def __init__(self, manager: SubnetManager, poll_bound: float = POLL_BOUND,
+                 go_poll_bound: float = GO_POLL_BOUND):
         self.manager = manager
         self.fanout = FanOut(manager)
         self.poll_bound = poll_bound
+        self.go_poll_bound = go_poll_bound
         self.stopping = threading.Event()
         self._active = 0
         self._idle = threading.Condition()
@@ -161,7 +166,8 @@ class Application:
         ours = wait_text is not None
         if cursor is None:
             return self._snapshot(hub, key, ours)
-        changes = hub.changes(cursor, _wait(wait_text, self.poll_bound), key)
+        bound = self.poll_bound if ours else self.go_poll_bound
+        changes = hub.changes(cursor, _wait(wait_text, bound), key)
         if changes.events is None:  # the cursor is older than the window
             return self._snapshot(hub, key, ours)
         if changes.events:

@@ -56,6 +56,7 @@ class _HTTPServer(ThreadedWSGIServer):
         self._connections_lock = threading.Lock()
 
     def process_request_thread(self, request, client_address) -> None:
+        threading.current_thread().name = f"api-conn-{client_address[0]}:{client_address[1]}"
         if self.ssl_context is not None:
             request = self._handshake(request, client_address)
             if request is None:

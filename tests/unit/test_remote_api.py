@@ -238,7 +238,7 @@ def test_hub_turns_upstream_snapshot_into_events():
 
 @pytest.fixture
 def app():
-    application = Application(FakeManager(), poll_bound=0.3)
+    application = Application(FakeManager(), poll_bound=0.3, go_poll_bound=0.3)
     yield application
     application.stop()
 
