@@ -551,18 +551,23 @@ static int stopping(struct proxy *p)
     return __atomic_load_n(&p->stopping, __ATOMIC_ACQUIRE);
 }
 
-/* move packets both ways until both sides are idle, for at most MAX_ROUNDS rounds */
-static int forward(struct proxy *p)
+/* move packets until both sides are idle, for at most MAX_ROUNDS rounds; a side is read
+ * again only while it fills whole batches (a shorter batch means its queue ran empty) */
+static int forward(struct proxy *p, int tun_ready, int udp_ready)
 {
-    for (int round = 0; round < MAX_ROUNDS && !stopping(p); round++) {
-        int a = tun_to_udp(p);
-        if (a < 0)
-            return a;
-        int b = udp_to_tun(p);
-        if (b < 0)
-            return b;
-        if (a + b == 0)
-            break;
+    for (int round = 0; round < MAX_ROUNDS && (tun_ready || udp_ready) && !stopping(p); round++) {
+        if (tun_ready) {
+            int n = tun_to_udp(p);
+            if (n < 0)
+                return n;
+            tun_ready = n == p->batch;
+        }
+        if (udp_ready) {
+            int n = udp_to_tun(p);
+            if (n < 0)
+                return n;
+            udp_ready = n == p->batch;
+        }
     }
     return 0;
 }
@@ -593,11 +598,9 @@ static int run_loop(struct proxy *p)
             return -EBADF;
         if ((fds[1].revents & POLLHUP) || (fds[1].revents & (POLLERR | POLLIN)) == POLLERR)
             return -EPIPE;       /* the TUN (or its stand-in) went away */
-        if ((fds[1].revents | fds[2].revents) & (POLLIN | POLLERR)) {
-            int r = forward(p);
-            if (r < 0)
-                return r;
-        }
+        int r = forward(p, fds[1].revents & POLLIN, fds[2].revents & (POLLIN | POLLERR));
+        if (r < 0)
+            return r;
     }
     return 0;
 }

@@ -4,6 +4,7 @@ process inside its namespace, exchanging traffic over the udp overlay with the k
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import uuid
@@ -35,10 +36,16 @@ class Host:
         self.ns, self.name = ns, name
         self.agent = NsAgent(ns)
 
-    def start(self) -> None:
+    def start(self, batch: int | None = None) -> None:
+        """A new UdpBackend for our lease (`batch`: packets per system call in the proxy)."""
         ext = self.agent.call("flannel.dataplane.netlink:lookup_external_interface", "fpxveth", None)
         self.agent.new("udp", "flannel.backend.udp:UdpBackend", ext, NetworkConfig.parse(CONFIG))
+        if batch is not None:
+            self.agent.invoke("udp", "__setattr__", "batch", batch)
         self.agent.invoke("udp", "start", _lease(self.name), STOP)
+
+    def stop(self) -> None:
+        self.agent.invoke("udp", "stop")
 
     def apply(self, *events: Event) -> None:
         self.agent.invoke("udp", "apply", list(events))
@@ -51,8 +58,18 @@ class Host:
         return int(out.rsplit("rc=", 1)[1]), out
 
 
-@pytest.fixture(scope="module")
-def hosts():
+def start_pair(hosts: dict, batch: int | None = None) -> None:
+    """(Re)start both backends and give each the other's lease."""
+    for host in hosts.values():
+        host.start(batch)
+    hosts["a"].apply(Event(ADDED, _lease("b")))
+    hosts["b"].apply(Event(ADDED, _lease("a")))
+
+
+@contextlib.contextmanager
+def two_hosts():
+    """Namespaces a and b on one veth link, each with a running UdpBackend peered with the
+    other; everything is removed afterwards, also on failure."""
     tag = uuid.uuid4().hex[:5]
     with netns(f"fpx{tag}a") as ns_a, netns(f"fpx{tag}b") as ns_b:
         sh(None, f"ip link add fpxveth netns {ns_a} type veth peer name fpxveth netns {ns_b}")
@@ -62,13 +79,17 @@ def hosts():
         try:
             for ns, name in ((ns_a, "a"), (ns_b, "b")):
                 made[name] = Host(ns, name)
-                made[name].start()
-            made["a"].apply(Event(ADDED, _lease("b")))
-            made["b"].apply(Event(ADDED, _lease("a")))
+            start_pair(made)
             yield made
         finally:
             for host in made.values():
                 host.agent.close()
+
+
+@pytest.fixture(scope="module")
+def hosts():
+    with two_hosts() as made:
+        yield made
 
 
 def test_device_address_mtu_route_and_socket(hosts):
@@ -124,3 +145,13 @@ def test_own_lease_is_never_routed_and_counters_add_up(hosts):
     assert after["routes"] == before["routes"] == 1
     assert after["udp_tx_packets"] - before["udp_tx_packets"] >= 3
     assert after["tun_tx_packets"] - before["tun_tx_packets"] >= 3
+
+
+def test_stop_removes_the_tun_and_a_new_backend_takes_over(hosts):
+    a = hosts["a"]
+    a.stop()
+    assert "flannel0" not in sh(a.ns, "ip -o link show")  # the TUN goes with the fd, as in Go
+    hosts["b"].stop()
+    start_pair(hosts)
+    rc, out = a.ping("10.10.2.0")
+    assert rc == 0, out
