@@ -20,7 +20,8 @@ import pytest
 
 from flannel import __version__
 from tests.packaging.conftest import require_root, require_tools, run
-from tests.support.etcd import EtcdServer, etcd_available, free_port
+from tests.integration.conftest import etcd  # noqa: F401  (the module-scoped etcd fixture)
+from tests.support.etcd import free_port
 
 PKG = "flanneld"
 OPTIONS = Path("/etc/flannel/options.env")
@@ -75,18 +76,6 @@ def installed(built_deb):
         yield built_deb
     finally:
         purge()
-
-
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory):
-    if not etcd_available():
-        pytest.skip("needs the etcd binary /usr/bin/etcd (Debian package etcd-server)")
-    server = EtcdServer(tmp_path_factory.mktemp("etcd"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
