@@ -11,6 +11,7 @@ as a query parameter, ignored by a Go server.
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from ipaddress import IPv4Network
 from typing import List, Optional
@@ -78,7 +79,10 @@ class RemoteManager(SubnetManager):
                 params=params, headers=headers, timeout=(CONNECT_TIMEOUT, read_timeout),
             )
         except requests.exceptions.SSLError as exc:
-            raise RemoteError(f"failed to {action}: TLS with {self.base} failed: {_reason(exc)}") from exc
+            # a server we cannot verify is a setup error; any other TLS failure (a reset
+            # mid-handshake, our certificate refused) is retried like an unreachable server
+            kind = RemoteError if _chain_has(exc, ssl.SSLCertVerificationError) else RegistryError
+            raise kind(f"failed to {action}: TLS with {self.base} failed: {_reason(exc)}") from exc
         except requests.exceptions.ReadTimeout:
             raise
         except requests.exceptions.RequestException as exc:
@@ -174,12 +178,21 @@ def _name(network: str) -> str:
     return f"network {network}" if network else "the default network"
 
 
+def _causes(exc: BaseException):
+    """`exc` and what it wraps (requests -> urllib3 -> ssl), as far as it goes."""
+    seen = 0
+    while exc is not None and seen < 8:
+        yield exc
+        seen += 1
+        exc = exc.__cause__ or exc.__context__ or (
+            exc.args[0] if exc.args and isinstance(exc.args[0], BaseException) else None)
+
+
+def _chain_has(exc: BaseException, kind: type) -> bool:
+    return any(isinstance(e, kind) for e in _causes(exc))
+
+
 def _reason(exc: Exception) -> str:
     """The innermost cause of a requests error, which is the readable one."""
-    inner: BaseException = exc
-    for _ in range(8):
-        nxt = inner.__cause__ or (inner.args[0] if inner.args and isinstance(inner.args[0], Exception) else None)
-        if nxt is None:
-            break
-        inner = nxt
+    *_, inner = _causes(exc)
     return str(inner) or type(inner).__name__
