@@ -264,6 +264,14 @@ def test_server_unit_command_serves_a_socket_passed_by_systemd(configured):
             proc.wait()
 
 
+def test_reinstall_keeps_the_edited_options_env(configured, built_deb):
+    edited = OPTIONS.read_text()
+    assert "FLANNELD_ETCD_PREFIX" in edited
+    run(["dpkg", "-i", built_deb], env={"DEBIAN_FRONTEND": "noninteractive"}, timeout=120)
+    assert OPTIONS.read_text() == edited
+    assert dpkg_status() == "ii"
+
+
 def test_remove_keeps_config_files_and_purge_removes_them(configured):
     run(["dpkg", "-r", PKG], env={"DEBIAN_FRONTEND": "noninteractive"})
     assert dpkg_status() == "rc"
