@@ -181,6 +181,7 @@ for pair in "h1 h2" "h2 h1"; do
     printf '%s\n' "$out" | grep -E 'bytes from|packet loss' | indent
     [ -n "$ok" ] || die "no answer from ${ADDR[$2]}"
 done
+if [ "$BACKEND" = udp ]; then say "(ttl=62: each host's flanneld decrements the TTL on the way, as a router would)"; fi
 
 bold "iperf3: TCP from h1 to h2 for 3 seconds"
 ip netns exec "$NS_PREFIX-h2" iperf3 -s -1 -B "${ADDR[h2]}" >"$WORK/iperf3-server.log" 2>&1 &

@@ -88,7 +88,7 @@ class CommonTests:
         for env, iface in zip(envs, subnets):
             assert env["FLANNEL_NETWORK"] == OVERLAY
             assert iface.network.prefixlen == 24 and iface.network.subnet_of(ipaddress.IPv4Network(OVERLAY))
-            assert iface.ip == iface.network.network_address + 1, "FLANNEL_SUBNET is the lease's first address"
+            assert iface.ip == iface.network.network_address + 1, "FLANNEL_SUBNET: the lease's first address"
             assert env["FLANNEL_MTU"] == str(1500 - self.mtu_overhead)
             assert env["FLANNEL_IPMASQ"] == "false"
         leases = cluster.leases()
@@ -137,7 +137,7 @@ class DestructiveTests:
         try:
             # the data path does not need etcd
             for a, b in itertools.permutations(hosts, 2):
-                assert a.ping(self.addr(b), source=self.addr(a)).returncode == 0, cluster.logs()
+                assert a.ping(self.addr(b), count=2, source=self.addr(a)).returncode == 0, cluster.logs()
         finally:
             cluster.etcd.start()
         # the watches come back: a new lease reaches every host, and resyncing kept the peers
