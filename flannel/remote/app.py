@@ -21,6 +21,7 @@ from typing import Optional
 
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.wrappers import Request, Response
+from werkzeug.wsgi import ClosingIterator
 
 from flannel.errors import FlannelError, NotFoundError, PermissionDenied, RegistryError, RemoteError
 from flannel.remote import api
@@ -53,11 +54,18 @@ class Application:
         with self._idle:
             self._active += 1
         try:
-            return self._respond(Request(environ))(environ, start_response)
-        finally:
-            with self._idle:
-                self._active -= 1
-                self._idle.notify_all()
+            body = self._respond(Request(environ))(environ, start_response)
+        except BaseException:
+            self._leave()
+            raise
+        # a request counts as active until its answer is written (the server closes the
+        # iterator then), so that stopping does not cut a woken long poll's answer
+        return ClosingIterator(body, self._leave)
+
+    def _leave(self) -> None:
+        with self._idle:
+            self._active -= 1
+            self._idle.notify_all()
 
     def _respond(self, request: Request) -> Response:
         try:
