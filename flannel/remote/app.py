@@ -145,19 +145,19 @@ class Application:
         return self._watch(request, self.fanout.networks())
 
     def _reservations_get(self, request, network):
-        network = api.parse_network_segment(network)
+        network = self._known(network)
         items = [r.to_dict() for r in self.manager.list_reservations(network)]
         return _json(items or None)
 
     def _reservations_post(self, request, network):
-        network = api.parse_network_segment(network)
+        network = self._known(network)
         reservation = api.decode_reservation(_body(request))
         self._authorize(request, reservation.public_ip, f"reserve {reservation.subnet}")
         self.manager.add_reservation(network, reservation)
         return Response(status=200)
 
     def _reservation_delete(self, request, network, subnet):
-        network, subnet = api.parse_network_segment(network), api.parse_subnet_segment(subnet)
+        network, subnet = self._known(network), api.parse_subnet_segment(subnet)
         if self._identity(request) is not None:
             mine = [r for r in self.manager.list_reservations(network) if r.subnet == subnet]
             if not mine:
@@ -165,6 +165,13 @@ class Application:
             self._authorize(request, mine[0].public_ip, f"remove the reservation of {subnet}")
         self.manager.remove_reservation(network, subnet)
         return Response(status=200)
+
+    def _known(self, segment: str) -> str:
+        """The network named by `segment`; NotFoundError when it has no config (listing a
+        missing subnets directory would otherwise look like "no reservations")."""
+        network = api.parse_network_segment(segment)
+        self.manager.get_network_config(network)
+        return network
 
     # -- watches ------------------------------------------------------------
 

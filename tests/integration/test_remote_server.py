@@ -155,6 +155,8 @@ def test_go_shaped_requests(server):
     ("GET", "/v1/nosuch/leases", None, 404, "nosuch"),
     ("POST", "/v1/nosuch/leases", '{"PublicIP":"192.168.77.1"}', 404, "nosuch"),
     ("GET", "/v1/_/leases?next=yesterday", None, 400, "invalid cursor"),
+    ("GET", "/v1/nosuch/reservations", None, 404, "nosuch"),
+    ("POST", "/v1/_/reservations", '{"Subnet":"10.10.3.0/24"}', 400, "PublicIP is missing"),
     ("PUT", "/v1/_/leases", "{}", 405, "not allowed"),
 ])
 def test_bad_input_is_refused_with_a_plain_message(etcd, prefix, server, method, path, body, status, text):
