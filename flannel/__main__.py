@@ -1,0 +1,151 @@
+"""flanneld's entry point: options -> logging -> signals -> one stop Event -> server mode
+(--listen) or network mode (etcd directly, or a flanneld server with --remote).
+
+Exit status: 0 after a clean stop, 2 for invalid options, 1 for a fatal error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from typing import Optional, Sequence
+
+from flannel.errors import FlannelError, OptionsError
+from flannel.options import help_text, parse_options, version_text
+
+log = logging.getLogger("flannel")
+
+EXIT_OK, EXIT_FATAL, EXIT_USAGE = 0, 1, 2
+STOP_DEADLINE = 4.5  # seconds from a stop request to a forced exit
+
+
+def setup_logging(verbosity: int) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbosity > 0 else logging.INFO,
+        format="%(asctime)s %(levelname).1s [%(threadName)s] %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # third-party chatter (urllib3 retries during an etcd outage) only at -v 2 and above
+    if verbosity < 2:
+        for name in ("urllib3", "etcd", "pyroute2", "werkzeug"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def install_signals(stop: threading.Event, status: list) -> None:
+    """SIGTERM/SIGINT set the stop Event; a watchdog forces the exit if the orderly stop
+    overruns, so the daemon always stops within 5 s; a second signal exits at once."""
+
+    def handler(signum, _frame):
+        if stop.is_set():
+            os._exit(status[0])
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        stop.set()
+        watchdog = threading.Timer(STOP_DEADLINE, _force_exit, args=(status,))
+        watchdog.name, watchdog.daemon = "stop-watchdog", True
+        watchdog.start()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def _force_exit(status: list) -> None:
+    log.warning("stopping took longer than %.1f s; exiting now", STOP_DEADLINE)
+    logging.shutdown()
+    os._exit(status[0])
+
+
+def etcd_manager(opts):
+    from flannel.subnet.etcd_registry import EtcdRegistry
+    from flannel.subnet.local_manager import LocalManager
+
+    registry = EtcdRegistry(
+        opts.etcd_endpoints,
+        opts.etcd_prefix,
+        keyfile=opts.etcd_keyfile,
+        certfile=opts.etcd_certfile,
+        cafile=opts.etcd_cafile,
+        username=opts.etcd_username,
+        password=opts.etcd_password,
+    )
+    return LocalManager(registry)
+
+
+def run_server(opts, stop: threading.Event) -> int:
+    from flannel.remote.server import serve
+
+    manager = etcd_manager(opts)
+    errors: list = []
+
+    def target() -> None:
+        try:
+            serve(opts.listen, manager, stop, certfile=opts.remote_certfile,
+                  keyfile=opts.remote_keyfile, cafile=opts.remote_cafile)
+        except Exception as exc:  # the server thread says why and stops the daemon
+            errors.append(exc)
+            stop.set()
+
+    thread = threading.Thread(target=target, name="server", daemon=True)
+    thread.start()
+    while not stop.wait(0.2):
+        pass
+    thread.join(3.0)
+    manager.close()
+    if errors:
+        raise errors[0]
+    return EXIT_OK
+
+
+def run_networks(opts, stop: threading.Event) -> int:
+    from flannel.dataplane.netlink import lookup_external_interface
+    from flannel.network.multi import Supervisor
+
+    ext = lookup_external_interface(opts.iface, opts.public_ip)
+    log.info("using interface %s (index %d), address %s, public address %s, MTU %d",
+             ext.name, ext.index, ext.iface_addr, ext.ext_addr, ext.mtu)
+    if opts.remote:
+        from flannel.remote.client import RemoteManager
+
+        manager = RemoteManager(opts.remote, cafile=opts.remote_cafile,
+                                certfile=opts.remote_certfile, keyfile=opts.remote_keyfile)
+    else:
+        manager = etcd_manager(opts)
+    try:
+        return Supervisor(manager, ext, opts, stop).run()
+    finally:
+        manager.close()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        opts = parse_options(argv)
+    except OptionsError as exc:
+        print(f"flanneld: {exc}\n(see flanneld --help)", file=sys.stderr)
+        return EXIT_USAGE
+    if opts.help:
+        print(help_text())
+        return EXIT_OK
+    if opts.version:
+        print(version_text())
+        return EXIT_OK
+    setup_logging(opts.verbose)
+    stop = threading.Event()
+    status = [EXIT_OK]  # what the watchdog exits with
+    install_signals(stop, status)
+    log.info("%s starting", version_text())
+    try:
+        status[0] = run_server(opts, stop) if opts.listen else run_networks(opts, stop)
+    except OptionsError as exc:
+        log.error("%s", exc)
+        status[0] = EXIT_USAGE
+    except FlannelError as exc:
+        log.error("%s", exc)
+        status[0] = EXIT_FATAL
+    log.info("flanneld stopped (exit status %d)", status[0])
+    return status[0]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
