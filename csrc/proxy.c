@@ -10,7 +10,9 @@
  *
  * Unlike Go's proxy (one packet per system call), up to `batch` packets move per call:
  * recvmmsg/sendmmsg on the UDP socket, and bounded read loops on the TUN (which has no
- * multi-packet read). batch=1 keeps Go's design for comparison.
+ * multi-packet read); runs of equal-size packets to one peer go out as one UDP GSO send,
+ * which the kernel cuts into exactly the datagrams Go would send. batch=1 keeps Go's design
+ * (no GSO, one packet per system call) for comparison.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -24,6 +26,7 @@
 #include <unistd.h>
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <netinet/udp.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 
@@ -34,6 +37,10 @@
 #define IPV4_MIN_HDR 20
 #define ICMP_BURST 50            /* ICMP errors: bucket of 50, refilled at 100/s */
 #define ICMP_REFILL_NS 10000000LL
+#define GSO_MAX_SEGS 64          /* the kernel's UDP_MAX_SEGMENTS */
+#define GSO_MAX_BYTES 65000      /* under the largest UDP payload */
+#define GSO_MAX_FAILURES 16     /* GSO sends failing in a row before we stop trying */
+#define GSO_CMSG_SPACE CMSG_SPACE(sizeof(uint16_t))
 
 /* one relaxed store: counters have a single writer, readers may be on other threads */
 #define COUNT(p, field, n) \
@@ -83,6 +90,13 @@ struct proxy {
     struct mmsghdr *out_msgs, *in_msgs;
     struct iovec *out_iov, *in_iov;
     struct sockaddr_in *out_addr;
+
+    /* UDP GSO (batch > 1): runs of equal-size packets to one peer leave in one sendmmsg
+     * entry that the kernel cuts into the same datagrams as sending them one by one */
+    int gso, gso_failures;
+    struct mmsghdr *gso_msgs;
+    unsigned char *gso_cmsgs;
+    int *gso_first, *gso_count;
 };
 
 /* ------------------------------------------------------------------------ route table */
@@ -323,12 +337,18 @@ static int fatal_errno(int err)
     return err == EBADF || err == EINVAL || err == EFAULT || err == ENOTSOCK || err == EBADFD;
 }
 
-static void udp_send(struct proxy *p, int n)
+static int same_peer(const struct sockaddr_in *a, const struct sockaddr_in *b)
 {
-    for (int i = 0; i < n;) {
+    return a->sin_addr.s_addr == b->sin_addr.s_addr && a->sin_port == b->sin_port;
+}
+
+/* send out_msgs[i..n) as they are, one datagram each */
+static void udp_send_plain(struct proxy *p, int i, int n)
+{
+    while (i < n) {
         int sent;
         COUNT(p, syscalls, 1);
-        if (p->batch == 1) {
+        if (p->batch == 1 || n - i == 1) {
             struct msghdr *h = &p->out_msgs[i].msg_hdr;
             ssize_t r = sendto(p->udp_fd, h->msg_iov->iov_base, h->msg_iov->iov_len, 0,
                                (struct sockaddr *)h->msg_name, h->msg_namelen);
@@ -349,6 +369,75 @@ static void udp_send(struct proxy *p, int n)
             COUNT(p, udp_tx_bytes, p->out_msgs[k].msg_len);
         COUNT(p, udp_tx_packets, sent);
         i += sent;
+    }
+}
+
+/* group out_msgs[0..n) into GSO runs: same peer, equal sizes (the last may be shorter) */
+static int gso_group(struct proxy *p, int n)
+{
+    int m = 0;
+    for (int i = 0; i < n; m++) {
+        size_t seg = p->out_iov[i].iov_len, total = seg;
+        int j = i + 1;
+        while (j < n && j - i < GSO_MAX_SEGS && same_peer(&p->out_addr[j], &p->out_addr[i]) &&
+               p->out_iov[j].iov_len <= seg && total + p->out_iov[j].iov_len <= GSO_MAX_BYTES) {
+            total += p->out_iov[j].iov_len;
+            if (p->out_iov[j++].iov_len < seg)
+                break;
+        }
+        struct msghdr *h = &p->gso_msgs[m].msg_hdr;
+        memset(h, 0, sizeof(*h));
+        h->msg_name = &p->out_addr[i];
+        h->msg_namelen = sizeof(p->out_addr[i]);
+        h->msg_iov = &p->out_iov[i];  /* the run's buffers, in order, make one payload */
+        h->msg_iovlen = (size_t)(j - i);
+        if (j - i > 1) {
+            h->msg_control = p->gso_cmsgs + (size_t)m * GSO_CMSG_SPACE;
+            h->msg_controllen = GSO_CMSG_SPACE;
+            struct cmsghdr *cm = CMSG_FIRSTHDR(h);
+            cm->cmsg_level = SOL_UDP;
+            cm->cmsg_type = UDP_SEGMENT;
+            cm->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+            uint16_t size = (uint16_t)seg;
+            memcpy(CMSG_DATA(cm), &size, sizeof(size));
+        }
+        p->gso_first[m] = i;
+        p->gso_count[m] = j - i;
+        i = j;
+    }
+    return m;
+}
+
+static void udp_send(struct proxy *p, int n)
+{
+    if (!p->gso || n < 2) {
+        udp_send_plain(p, 0, n);
+        return;
+    }
+    int m = gso_group(p, n);
+    for (int k = 0; k < m;) {
+        COUNT(p, syscalls, 1);
+        int sent = sendmmsg(p->udp_fd, p->gso_msgs + k, (unsigned int)(m - k), 0);
+        if (sent < 0) {
+            if (errno == EINTR)
+                continue;
+            /* EIO: the socket can never do GSO (IPsec, no checksum offload); EINVAL may be
+             * one odd run (larger than the path MTU) or for good (checksums turned off) */
+            if (errno == EIO || ++p->gso_failures >= GSO_MAX_FAILURES)
+                p->gso = 0;
+            /* this run goes one datagram at a time, so only a bad packet itself is lost */
+            udp_send_plain(p, p->gso_first[k], p->gso_first[k] + p->gso_count[k]);
+            k++;
+            continue;
+        }
+        p->gso_failures = 0;
+        for (int i = k; i < k + sent; i++) {
+            COUNT(p, udp_tx_bytes, p->gso_msgs[i].msg_len);
+            COUNT(p, udp_tx_packets, p->gso_count[i]);
+            if (p->gso_count[i] > 1)
+                COUNT(p, udp_tx_gso, p->gso_count[i]);
+        }
+        k += sent;
     }
 }
 
@@ -637,8 +726,13 @@ static int alloc_buffers(struct proxy *p)
     p->out_iov = calloc(n, sizeof(*p->out_iov));
     p->in_iov = calloc(n, sizeof(*p->in_iov));
     p->out_addr = calloc(n, sizeof(*p->out_addr));
+    p->gso_msgs = calloc(n, sizeof(*p->gso_msgs));
+    p->gso_cmsgs = calloc(n, GSO_CMSG_SPACE);
+    p->gso_first = calloc(n, sizeof(int));
+    p->gso_count = calloc(n, sizeof(int));
     if (!p->tun_bufs || !p->udp_bufs || !p->out_msgs || !p->in_msgs || !p->out_iov ||
-        !p->in_iov || !p->out_addr)
+        !p->in_iov || !p->out_addr || !p->gso_msgs || !p->gso_cmsgs || !p->gso_first ||
+        !p->gso_count)
         return -ENOMEM;
     for (size_t i = 0; i < n; i++) {
         p->out_msgs[i].msg_hdr.msg_name = &p->out_addr[i];
@@ -673,6 +767,7 @@ proxy_t *proxy_new(int tun_fd, int udp_fd, uint32_t tun_addr, int mtu, int batch
     /* one byte more than the MTU, so that a longer packet shows up as oversize */
     p->bufsize = ((size_t)mtu + 64) & ~(size_t)63;
     p->icmp_tokens = ICMP_BURST;
+    p->gso = batch > 1;
     pthread_mutex_init(&p->lock, NULL);
     pthread_cond_init(&p->applied, NULL);
     p->cmd_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
@@ -704,5 +799,9 @@ void proxy_free(proxy_t *p)
     free(p->out_iov);
     free(p->in_iov);
     free(p->out_addr);
+    free(p->gso_msgs);
+    free(p->gso_cmsgs);
+    free(p->gso_first);
+    free(p->gso_count);
     free(p);
 }

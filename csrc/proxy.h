@@ -15,6 +15,7 @@ struct proxy_counters {
     uint64_t tun_rx_bytes;
     uint64_t udp_tx_packets;    /* datagrams sent to peers */
     uint64_t udp_tx_bytes;
+    uint64_t udp_tx_gso;        /* of those, datagrams that left in UDP GSO runs (batch > 1) */
     uint64_t udp_rx_packets;    /* datagrams received from peers */
     uint64_t udp_rx_bytes;
     uint64_t tun_tx_packets;    /* packets written to the TUN (ICMP errors not included) */
