@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Optional, Sequence
 
 from flannel.errors import FlannelError, OptionsError
@@ -35,24 +36,42 @@ def setup_logging(verbosity: int) -> None:
 
 
 def install_signals(stop: threading.Event, status: list) -> None:
-    """SIGTERM/SIGINT set the stop Event; a watchdog forces the exit if the orderly stop
-    overruns, so the daemon always stops within 5 s; a second signal exits at once."""
+    """SIGTERM/SIGINT stop the daemon. The handler only writes a byte to a pipe: setting an
+    Event or starting a thread inside a handler can deadlock on a lock the interrupted main
+    thread holds. A named thread turns the byte into the stop request and arms a watchdog
+    that forces the exit if the orderly stop overruns (the daemon always stops within 5 s);
+    a second signal exits at once."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
 
     def handler(signum, _frame):
-        if stop.is_set():
-            os._exit(status[0])
-        log.info("received %s, stopping", signal.Signals(signum).name)
-        stop.set()
-        watchdog = threading.Timer(STOP_DEADLINE, _force_exit, args=(status,))
-        watchdog.name, watchdog.daemon = "stop-watchdog", True
-        watchdog.start()
+        try:
+            os.write(write_fd, bytes([signum]))
+        except OSError:
+            pass  # pipe full: a stop is already pending
 
+    def relay() -> None:
+        while True:
+            signum = os.read(read_fd, 1)[0]
+            if stop.is_set():
+                _force_exit(status, f"second {signal.Signals(signum).name}")
+            log.info("received %s, stopping", signal.Signals(signum).name)
+            stop.set()
+            threading.Thread(target=_watchdog, args=(status,), name="stop-watchdog",
+                             daemon=True).start()
+
+    threading.Thread(target=relay, name="signals", daemon=True).start()
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
 
 
-def _force_exit(status: list) -> None:
-    log.warning("stopping took longer than %.1f s; exiting now", STOP_DEADLINE)
+def _watchdog(status: list) -> None:
+    time.sleep(STOP_DEADLINE)
+    _force_exit(status, f"stopping took longer than {STOP_DEADLINE:.1f} s")
+
+
+def _force_exit(status: list, why: str) -> None:
+    log.warning("%s; exiting now", why)
     logging.shutdown()
     os._exit(status[0])
 
