@@ -18,6 +18,7 @@ struct proxy_counters {
     uint64_t udp_tx_gso;        /* of those, datagrams that left in UDP GSO runs (batch > 1) */
     uint64_t udp_rx_packets;    /* datagrams received from peers */
     uint64_t udp_rx_bytes;
+    uint64_t udp_rx_gro;        /* of those, datagrams that arrived joined by UDP GRO (batch > 1) */
     uint64_t tun_tx_packets;    /* packets written to the TUN (ICMP errors not included) */
     uint64_t tun_tx_bytes;
     uint64_t drop_runt;         /* shorter than an IPv4 header */
@@ -34,7 +35,8 @@ struct proxy_counters {
 };
 
 /* A proxy over an open TUN fd (IFF_TUN|IFF_NO_PI, put into non-blocking mode here) and a bound
- * UDP socket. Both fds stay owned by the caller. tun_addr is the source of the ICMP errors we
+ * UDP socket. Both fds stay owned by the caller (with batch > 1, UDP_GRO is turned on for the
+ * socket). tun_addr is the source of the ICMP errors we
  * generate; mtu bounds the packet size in both directions; batch (1..128) is the number of
  * packets moved per system call where the kernel allows it (1: one packet per call, as Go's
  * flanneld). Returns NULL with errno set on failure. */

@@ -32,7 +32,7 @@ MAX_BATCH = 128
 
 COUNTER_NAMES = (
     "tun_rx_packets", "tun_rx_bytes", "udp_tx_packets", "udp_tx_bytes", "udp_tx_gso",
-    "udp_rx_packets", "udp_rx_bytes", "tun_tx_packets", "tun_tx_bytes",
+    "udp_rx_packets", "udp_rx_bytes", "udp_rx_gro", "tun_tx_packets", "tun_tx_bytes",
     "drop_runt", "drop_oversize", "drop_bad_header", "drop_no_route", "drop_ttl",
     "drop_send_error", "icmp_sent", "read_errors", "polls", "syscalls", "routes",
 )

@@ -351,6 +351,30 @@ def test_gso_runs_leave_as_the_very_datagrams_of_one_by_one_sends(gso_refused):
             s.close()
 
 
+def test_gro_joined_datagrams_are_split_into_the_original_packets():
+    """Proxy A sends GSO runs over loopback to proxy B, whose socket has UDP GRO on: the
+    kernel hands B joined datagrams, and B must write the original packets to its TUN."""
+    a_tun, a_test = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    b_tun, b_test = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    udp_a, udp_b = _udp_socket(), _udp_socket()
+    b_test.settimeout(5)
+    batch = [pkt for peer, pkt in _queued_batch() if peer == "a"]
+    try:
+        with Proxy(a_tun.fileno(), udp_a.fileno(), TUN_ADDR, MTU, batch=32) as a, \
+                Proxy(b_tun.fileno(), udp_b.fileno(), IPv4Address("10.10.2.0"), MTU, batch=32) as b:
+            a.set_route(PEER_NET, IPv4Address("127.0.0.1"), udp_b.getsockname()[1])
+            b.start(name="test-gro-proxy")
+            _send_queued(a, a_test, [("a", pkt) for pkt in batch])
+            got = [b_test.recv(65535) for _ in batch]
+            assert got == [_expected_after_hop(_expected_after_hop(pkt)) for pkt in batch]
+            c = _settled(b, tun_tx_packets=len(batch))
+            assert (c["udp_rx_packets"], c["tun_tx_packets"]) == (len(batch), len(batch))
+            assert c["udp_rx_gro"] > 0 and _settled(a)["udp_tx_gso"] > 0
+    finally:
+        for s in (a_tun, a_test, b_tun, b_test, udp_a, udp_b):
+            s.close()
+
+
 @pytest.mark.needs_root
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root: creates a namespace and a TUN")
 def test_on_the_wire_gso_runs_are_one_bare_ip_packet_per_datagram():
