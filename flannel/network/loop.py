@@ -104,7 +104,11 @@ class NetworkLoop:
         net = self.settings.network
         try:
             self._run()
-        except (LeaseTakenError, BackendError) as exc:
+        except LeaseTakenError as exc:
+            message = str(exc) if self._restart_hint() in str(exc) else f"{exc}; {self._restart_hint()}"
+            log.error("%s: %s", self.settings.label, message)
+            self.on_fatal(message)
+        except BackendError as exc:
             log.error("%s: %s", self.settings.label, exc)
             self.on_fatal(str(exc))
         except Exception as exc:  # a dying thread says why and stops the daemon
@@ -325,9 +329,12 @@ class NetworkLoop:
 
     def _taken(self, subnet: IPv4Network, holder: str) -> LeaseTakenError:
         return LeaseTakenError(
-            f"lease {subnet} was lost and {holder} now holds the subnet; exiting so that the "
-            f"service manager restarts flanneld and dependants re-read {self.settings.subnet_file}"
+            f"lease {subnet} was lost and {holder} now holds the subnet; {self._restart_hint()}"
         )
+
+    def _restart_hint(self) -> str:
+        return (f"exiting so that the service manager restarts flanneld and dependants re-read "
+                f"{self.settings.subnet_file}")
 
     # -- stopping ----------------------------------------------------------------
 

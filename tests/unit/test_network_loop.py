@@ -308,6 +308,7 @@ def test_renew_that_finds_another_host_is_fatal(tmp_path, stop):
     loop, events = make_loop(tmp_path, manager, stop, clock=clock)
     loop.run()
     assert events.fatal and "192.168.77.2" in events.fatal[0]
+    assert "exiting so that the service manager restarts" in events.fatal[0]
 
 
 def test_lease_deleted_behind_our_back_is_reclaimed_at_once(tmp_path, stop):
