@@ -122,7 +122,10 @@ class Proxy:
         while not stop.wait(1.0):
             if self._thread is None or not self._thread.is_alive():
                 return
-        self.stop()
+        try:
+            self.stop()
+        except BackendError as exc:
+            log.error("%s", exc)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the loop and wait for its thread (idempotent)."""
