@@ -31,12 +31,8 @@ STOP_LIMIT = 5.0
 
 @pytest.fixture(scope="module")
 def etcd(tmp_path_factory):
-    server = EtcdServer(tmp_path_factory.mktemp("etcd"))
-    server.start()
-    try:
+    with EtcdServer(tmp_path_factory.mktemp("etcd")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
@@ -310,3 +306,44 @@ def test_watch_networks_follows_networks(etcd, prefix, daemons, tmp_path):
     assert wait_for(lambda: not (subnet_dir / "green.env").exists())
     assert d.alive() and (subnet_dir / "blue.env").exists()
     assert d.stop()[0] == 0
+
+
+# -- client/server mode ------------------------------------------------------------------
+
+
+def test_server_and_remote_clients(etcd, prefix, daemons, tmp_path):
+    """--listen serves the API (and takes no lease); --remote clients get their leases
+    through it; the server stops within 5 s even with clients parked in long polls."""
+    put(etcd, f"{prefix}/config", ALLOC)
+    port = free_port()
+    server = Flanneld(tmp_path, "server", [f"--etcd-endpoints={etcd.endpoint}",
+                                           f"--etcd-prefix={prefix}", f"--listen=127.0.0.1:{port}"])
+    server.start()
+    try:
+        assert wait_for(lambda: _connects(port)), server.log()
+        clients = [daemons(f"client{i}", f"--remote=127.0.0.1:{port}", prefix=prefix,
+                           public_ip=f"10.99.1.{i}") for i in (1, 2)]
+        subnets = [wait_for(lambda c=c: subnet_of(c.subnet_file)) for c in clients]
+        assert None not in subnets and subnets[0] != subnets[1]
+        values = sorted(json.dumps(v) for v, _ttl in leases(etcd, prefix).values())
+        assert values == ['{"PublicIP": "10.99.1.1"}', '{"PublicIP": "10.99.1.2"}']
+        time.sleep(1)  # let the clients park their long polls
+        status, took = server.stop()
+        assert status == 0 and took < STOP_LIMIT
+        assert all(c.alive() for c in clients), "clients ride out a server outage"
+        for client in clients:
+            status, took = client.stop()
+            assert status == 0 and took < STOP_LIMIT
+    finally:
+        if server.alive():
+            server.proc.kill()
+            server.proc.wait(10)
+        print(f"----- server.log\n{server.log()[-4000:]}")
+
+
+def _connects(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
