@@ -23,7 +23,7 @@ $(STAMP): $(SOURCES)
 venv: deps $(STAMP)
 
 test: venv
-	$(PY) -m pytest tests/unit tests/integration tests/e2e
+	$(PY) -m pytest tests/unit tests/integration tests/e2e tests/packaging
 
 unit: venv
 	$(PY) -m pytest tests/unit

@@ -21,7 +21,7 @@ setup(
         "cffi>=1.15",
         "python-etcd>=0.4.5",
         "pyroute2>=0.7",
-        "werkzeug>=2.3",
+        "werkzeug>=2.2",
         "requests>=2.28",
         "configargparse>=1.5",
     ],

@@ -44,8 +44,8 @@ def _ipv4_addrs(ipr: IPRoute, index: int) -> list:
     """(address, prefixlen, peer) of the link's IPv4 addresses, kernel order."""
     out = []
     for msg in ipr.get_addr(family=socket.AF_INET, index=index):
-        local = msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")
-        peer = msg.get("IFA_ADDRESS")
+        local = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+        peer = msg.get_attr("IFA_ADDRESS")
         out.append((IPv4Address(local), msg["prefixlen"], IPv4Address(peer) if peer else None))
     return out
 
@@ -59,18 +59,21 @@ def _usable_addr(addrs: list) -> Optional[IPv4Address]:
 
 
 def _default_route_index(ipr: IPRoute) -> Optional[int]:
+    # get_attr() rather than get(): Debian 12's pyroute2 0.7 resolves only full NLA names
     for route in ipr.route("dump", family=socket.AF_INET, table=MAIN_TABLE):
-        if route["dst_len"] == 0 and route.get("oif"):
-            return route.get("oif")
-        for hop in route.get("multipath") or ():
-            if route["dst_len"] == 0 and hop.get("oif"):
-                return hop.get("oif")
+        if route["dst_len"] != 0:
+            continue
+        if route.get_attr("RTA_OIF"):
+            return route.get_attr("RTA_OIF")
+        for hop in route.get_attr("RTA_MULTIPATH") or ():
+            if hop["oif"]:
+                return hop["oif"]
     return None
 
 
 def _index_by_addr(ipr: IPRoute, addr: IPv4Address) -> Optional[int]:
     for msg in ipr.get_addr(family=socket.AF_INET):
-        if IPv4Address(msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")) == addr:
+        if IPv4Address(msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")) == addr:
             return msg["index"]
     return None
 
@@ -102,7 +105,7 @@ def lookup_external_interface(iface: Optional[str], public_ip: Optional[str]) ->
                     "no default route: name the external interface with --iface"
                 )
         link = ipr.get_links(index)[0]
-        name = link.get("IFLA_IFNAME")
+        name = link.get_attr("IFLA_IFNAME")
         addrs = _ipv4_addrs(ipr, index)
     if iface and addr is not None:
         iface_addr = addr
@@ -116,7 +119,7 @@ def lookup_external_interface(iface: Optional[str], public_ip: Optional[str]) ->
             ext_addr = IPv4Address(public_ip)
         except ValueError:
             raise BackendError(f"--public-ip {public_ip!r} is not an IPv4 address") from None
-    mtu = link.get("IFLA_MTU") or 0
+    mtu = link.get_attr("IFLA_MTU") or 0
     if not mtu:
         raise BackendError(f"interface {name} reports no MTU")
     return ExternalInterface(name=name, index=index, iface_addr=iface_addr, ext_addr=ext_addr, mtu=mtu)
@@ -168,15 +171,15 @@ def _get_link(ipr: IPRoute, index: int):
 def link_mac(index: int) -> str:
     """The link's MAC address as lower-case aa:bb:cc:dd:ee:ff."""
     with _ipr() as ipr:
-        return _get_link(ipr, index).get("IFLA_ADDRESS")
+        return _get_link(ipr, index).get_attr("IFLA_ADDRESS")
 
 
 def ensure_link_up(index: int, mtu: Optional[int] = None) -> None:
     """Set the link administratively up and, when given, its MTU; no-op when already so."""
     with _ipr() as ipr:
         link = _get_link(ipr, index)
-        name = link.get("IFLA_IFNAME")
-        if mtu is not None and link.get("IFLA_MTU") != mtu:
+        name = link.get_attr("IFLA_IFNAME")
+        if mtu is not None and link.get_attr("IFLA_MTU") != mtu:
             _nl_call(f"set MTU {mtu} on {name}", ipr.link, "set", index=index, mtu=mtu)
             log.info("set MTU of %s to %d", name, mtu)
         if not link["flags"] & IFF_UP:
@@ -223,11 +226,11 @@ def connected_networks(index: int) -> list:
 
 
 def _route_of(msg) -> Route:
-    dst = msg.get("RTA_DST") or "0.0.0.0"
-    gw = msg.get("RTA_GATEWAY")
+    dst = msg.get_attr("RTA_DST") or "0.0.0.0"
+    gw = msg.get_attr("RTA_GATEWAY")
     return Route(
         dst=IPv4Network((dst, msg["dst_len"])),
-        oif=msg.get("RTA_OIF"),
+        oif=msg.get_attr("RTA_OIF"),
         gateway=IPv4Address(gw) if gw else None,
         onlink=bool(msg["flags"] & RTNH_F_ONLINK),
     )
@@ -324,12 +327,12 @@ def _vxlan_mismatch(link, spec: VxlanSpec) -> Optional[str]:
         return "it is not a vxlan device"
     data = link.get_nested("IFLA_LINKINFO", "IFLA_INFO_DATA")
     have = {
-        "VNI": data.get("IFLA_VXLAN_ID"),
-        "port": data.get("IFLA_VXLAN_PORT"),
-        "local": data.get("IFLA_VXLAN_LOCAL"),
-        "dev": data.get("IFLA_VXLAN_LINK"),
-        "GBP": data.get("IFLA_VXLAN_GBP") is not None,
-        "learning": bool(data.get("IFLA_VXLAN_LEARNING")),
+        "VNI": data.get_attr("IFLA_VXLAN_ID"),
+        "port": data.get_attr("IFLA_VXLAN_PORT"),
+        "local": data.get_attr("IFLA_VXLAN_LOCAL"),
+        "dev": data.get_attr("IFLA_VXLAN_LINK"),
+        "GBP": data.get_attr("IFLA_VXLAN_GBP") is not None,
+        "learning": bool(data.get_attr("IFLA_VXLAN_LEARNING")),
     }
     want = {
         "VNI": spec.vni, "port": spec.port, "local": str(spec.local),
@@ -375,7 +378,7 @@ def list_neighbours(index: int) -> dict:
     with _ipr() as ipr:
         msgs = ipr.get_neighbours(family=socket.AF_INET, ifindex=index)
     return {
-        IPv4Address(m.get("NDA_DST")): m.get("NDA_LLADDR")
+        IPv4Address(m.get_attr("NDA_DST")): m.get_attr("NDA_LLADDR")
         for m in msgs
         if m["state"] & NUD_PERMANENT and m["ifindex"] == index
     }
@@ -412,9 +415,9 @@ def list_fdb(index: int) -> list:
     with _ipr() as ipr:
         msgs = ipr.fdb("dump", ifindex=index)
     return [
-        (m.get("NDA_LLADDR"), IPv4Address(m.get("NDA_DST")))
+        (m.get_attr("NDA_LLADDR"), IPv4Address(m.get_attr("NDA_DST")))
         for m in msgs
-        if m["ifindex"] == index and m.get("NDA_DST")
+        if m["ifindex"] == index and m.get_attr("NDA_DST")
     ]
 
 
