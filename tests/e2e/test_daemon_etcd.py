@@ -347,3 +347,32 @@ def _connects(port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+# -- in a namespace: default-route interface discovery and --ip-masq -----------------------
+
+
+@pytest.mark.needs_root
+def test_ip_masq_and_default_interface_in_a_namespace(tmp_path):
+    """A host namespace whose uplink is its default route: flanneld finds eth0 by itself,
+    installs the masquerade rules with --ip-masq, says so in subnet.env and removes the
+    rules (but keeps the lease) when it stops."""
+    from tests.support.netns import Cluster
+
+    def masq_rules(host):
+        listing = host.exec("iptables", "-w", "-t", "nat", "-S", "POSTROUTING", check=True).stdout
+        return [line for line in listing.splitlines() if "flanneld masq" in line]
+
+    with Cluster(tmp_path, hosts=1, prefix="fh2") as cluster:
+        cluster.set_network_config(backend="alloc")
+        host = cluster.hosts[0]
+        host.start_flanneld("--ip-masq")
+        env = host.wait_subnet_env()
+        assert env["FLANNEL_IPMASQ"] == "true" and env["FLANNEL_MTU"] == "1500"
+        subnet = host.lease_subnet()
+        assert cluster.leases() == {subnet: {"PublicIP": host.ip}}
+        rules = masq_rules(host)
+        assert len(rules) == 4 and any(f"-d {subnet}" in r and "RETURN" in r for r in rules), rules
+        assert host.stop_flanneld() == 0
+        assert masq_rules(host) == []
+        assert cluster.leases() == {subnet: {"PublicIP": host.ip}}, "the lease is kept on stop"
