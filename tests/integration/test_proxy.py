@@ -1,16 +1,14 @@
 """The C proxy (flannel._proxy through flannel.dataplane.proxy) over real sockets.
 
-Most tests stand a datagram socketpair in for the TUN (one datagram per packet, as a TUN
-with IFF_NO_PI reads and writes): the test writes exact packets into the proxy's "TUN" and
-reads what the proxy writes back, while peers are real UDP sockets on loopback. The last
-tests use a real TUN inside a namespace with the kernel's own ping.
+Most tests stand a datagram socketpair in for the TUN (tests/support/proxyrig.py) with peers
+as real UDP sockets on loopback; the last ones use a real TUN inside a namespace with the
+kernel's own ping. Batching, UDP GSO/GRO and the bytes on the wire: test_proxy_gso.py.
 """
 
 from __future__ import annotations
 
 import os
 import random
-import select
 import socket
 import subprocess
 import threading
@@ -25,55 +23,7 @@ from flannel.errors import BackendError
 from tests.support import ippkt
 from tests.support.nsagent import netns
 from tests.support.nsthread import run_in_netns
-
-TUN_ADDR = IPv4Address("10.10.1.0")
-MTU = 1472
-PEER_NET = IPv4Network("10.10.2.0/24")
-
-
-class Rig:
-    """A running proxy, its TUN stand-in (`tun`: the test's end) and one peer socket."""
-
-    def __init__(self, batch: int):
-        self.tun, self._tun_proxy_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.udp = _udp_socket()
-        self.peer = _udp_socket()
-        self.tun.settimeout(5)
-        self.proxy = Proxy(self._tun_proxy_end.fileno(), self.udp.fileno(), TUN_ADDR, MTU, batch)
-        self.proxy.set_route(PEER_NET, IPv4Address("127.0.0.1"), self.peer.getsockname()[1])
-        self.proxy.start(name="test-udp-proxy")
-
-    @property
-    def proxy_addr(self):
-        return self.udp.getsockname()
-
-    def from_peer(self, pkt: bytes) -> None:
-        self.peer.sendto(pkt, self.proxy_addr)
-
-    def close(self) -> None:
-        try:
-            self.proxy.close()
-        finally:
-            for sock in (self.tun, self._tun_proxy_end, self.udp, self.peer):
-                sock.close()
-
-
-def _udp_socket(host: str = "127.0.0.1") -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind((host, 0))
-    sock.settimeout(5)
-    return sock
-
-
-def _settled(proxy: Proxy, timeout: float = 10.0, **expected: int) -> dict:
-    """The counters once they show `expected` (the loop counts a packet just after it has
-    handed it on, so a test may see the packet first), or as they are after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        counters = proxy.counters()
-        if all(counters[k] == v for k, v in expected.items()) or time.monotonic() > deadline:
-            return counters
-        time.sleep(0.005)
+from tests.support.proxyrig import MTU, PEER_NET, TUN_ADDR, Rig, settled, udp_socket
 
 
 @pytest.fixture(params=[1, 32], ids=["batch1", "batch32"])
@@ -97,7 +47,7 @@ def test_tun_to_udp_sends_the_whole_packet_with_ttl_decremented(rig):
     assert len(data) == len(pkt)
     assert got.ttl == 63 and got.header_ok
     assert got.payload == ippkt.parse(pkt).payload  # the inner packet is otherwise untouched
-    c = _settled(rig.proxy, tun_rx_packets=1, udp_tx_packets=1, udp_tx_bytes=len(pkt))
+    c = settled(rig.proxy, tun_rx_packets=1, udp_tx_packets=1, udp_tx_bytes=len(pkt))
     assert (c["tun_rx_packets"], c["udp_tx_packets"], c["udp_tx_bytes"]) == (1, 1, len(pkt))
 
 
@@ -107,7 +57,7 @@ def test_udp_to_tun_writes_the_packet_with_ttl_decremented(rig):
         got = ippkt.parse(rig.tun.recv(65535))
         assert got.ttl == ttl - 1 and got.header_ok
         assert got.payload.endswith(b"payload")
-    assert _settled(rig.proxy, tun_tx_packets=3)["tun_tx_packets"] == 3
+    assert settled(rig.proxy, tun_tx_packets=3)["tun_tx_packets"] == 3
 
 
 def test_checksum_stays_valid_for_random_headers(rig):
@@ -130,7 +80,7 @@ def test_ttl_expiring_packets_are_dropped_both_ways(rig):
     rig.from_peer(ippkt.udp_packet("10.10.2.7", "10.10.1.5", b"lives", ttl=2))
     got = ippkt.parse(rig.tun.recv(65535))
     assert got.payload.endswith(b"lives") and got.ttl == 1
-    assert _settled(rig.proxy, drop_ttl=3)["drop_ttl"] == 3
+    assert settled(rig.proxy, drop_ttl=3)["drop_ttl"] == 3
 
 
 # ---------------------------------------------------------------------------- ICMP errors
@@ -144,7 +94,7 @@ def test_unknown_destination_gets_icmp_net_unreachable(rig):
     assert (err.icmp_type, err.icmp_code) == (3, 0)
     assert err.header_ok and err.icmp_ok
     assert err.payload[8:] == pkt[:28]  # the offending header and 8 bytes of its payload
-    c = _settled(rig.proxy, drop_no_route=1, icmp_sent=1)
+    c = settled(rig.proxy, drop_no_route=1, icmp_sent=1)
     assert (c["drop_no_route"], c["icmp_sent"], c["udp_tx_packets"]) == (1, 1, 0)
 
 
@@ -162,7 +112,7 @@ def test_no_icmp_about_icmp_errors_or_non_first_fragments(rig):
     rig.tun.send(first_fragment)
     err = ippkt.parse(rig.tun.recv(65535))
     assert err.payload[8:] == first_fragment[:28]  # the first answer is about the last packet
-    c = _settled(rig.proxy, drop_no_route=len(silent) + 1, icmp_sent=1)
+    c = settled(rig.proxy, drop_no_route=len(silent) + 1, icmp_sent=1)
     assert (c["drop_no_route"], c["icmp_sent"]) == (len(silent) + 1, 1)
 
 
@@ -171,7 +121,7 @@ def test_icmp_errors_are_rate_limited():
     try:
         for i in range(300):
             rig.tun.send(ippkt.udp_packet("10.10.1.5", f"10.10.99.{i % 250 + 1}", b"x"))
-        c = _settled(rig.proxy, drop_no_route=300)
+        c = settled(rig.proxy, drop_no_route=300)
         assert c["drop_no_route"] == 300
         # a burst of 50 plus a refill of 100/s for however long this took
         assert 50 <= c["icmp_sent"] < 300
@@ -195,7 +145,7 @@ def test_runts_oversize_and_bad_headers_are_counted_not_fatal(rig):
     for pkt in (b"", b"abc", b"z" * (MTU + 1), b"w" * 9000, v6, good):
         rig.from_peer(pkt)
     assert ippkt.parse(rig.tun.recv(65535)).payload.endswith(b"still alive")
-    c = _settled(rig.proxy, drop_runt=4, drop_oversize=3, drop_bad_header=4, tun_tx_packets=1)
+    c = settled(rig.proxy, drop_runt=4, drop_oversize=3, drop_bad_header=4, tun_tx_packets=1)
     assert (c["drop_runt"], c["drop_oversize"], c["drop_bad_header"]) == (4, 3, 4)
     assert (c["udp_tx_packets"], c["tun_tx_packets"]) == (1, 1)
     assert rig.proxy.running
@@ -205,7 +155,7 @@ def test_runts_oversize_and_bad_headers_are_counted_not_fatal(rig):
 
 
 def test_routes_change_while_running_through_the_command_channel(rig):
-    other = _udp_socket()
+    other = udp_socket()
     try:
         net3 = IPv4Network("10.10.3.0/24")
         pkt = ippkt.udp_packet("10.10.1.5", "10.10.3.9", b"to three")
@@ -236,7 +186,7 @@ def test_route_arguments_are_checked():
             Proxy(-1, rig.udp.fileno(), TUN_ADDR, MTU)
         with pytest.raises(BackendError, match="batch 0"):
             Proxy(rig.tun.fileno(), rig.udp.fileno(), TUN_ADDR, MTU, batch=0)
-        _settled(rig.proxy, polls=1)  # the loop has started
+        settled(rig.proxy, polls=1)  # the loop has started
         with pytest.raises(BackendError, match="look up"):
             rig.proxy.lookup(IPv4Address("10.10.2.1"))  # only while not running
     finally:
@@ -253,7 +203,7 @@ def _reference_lookup(routes: dict, addr: IPv4Address):
 
 def test_a_thousand_routes_longest_prefix_match():
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    udp = _udp_socket()
+    udp = udp_socket()
     rnd = random.Random(7)
     try:
         with Proxy(a.fileno(), udp.fileno(), TUN_ADDR, MTU) as proxy:
@@ -282,7 +232,7 @@ def test_a_thousand_routes_longest_prefix_match():
 
 def test_lookup_is_used_by_the_running_loop_with_many_routes():
     rig = Rig(batch=32)
-    sinks = [_udp_socket() for _ in range(4)]
+    sinks = [udp_socket() for _ in range(4)]
     try:
         for i in range(1000):
             rig.proxy.set_route(IPv4Network((0x0A140000 + (i << 8), 24)), IPv4Address("127.0.0.1"),
@@ -295,124 +245,6 @@ def test_lookup_is_used_by_the_running_loop_with_many_routes():
         rig.close()
         for s in sinks:
             s.close()
-
-
-# ---------------------------------------------------------------------------- UDP GSO
-
-
-def _queued_batch():
-    """Packets for two peers, mixed sizes, in the order they wait in the TUN."""
-    to_a = [("a", 1000)] * 10 + [("a", 500)] + [("a", 1000)] * 3
-    plan = to_a + [("b", 1000), ("b", 1000)] + [("a", 1000)] * 4 + [("a", 1200)] * 2
-    return [(peer, ippkt.udp_packet("10.10.1.5", "10.10.2.7" if peer == "a" else "10.10.3.7",
-                                    bytes([i]) * (size - 28), ident=i))
-            for i, (peer, size) in enumerate(plan)]
-
-
-def _expected_after_hop(pkt: bytes) -> bytes:
-    got = bytearray(pkt)
-    got[8] -= 1
-    got[10:12] = b"\0\0"
-    got[10:12] = ippkt.checksum(bytes(got[:20])).to_bytes(2, "big")
-    return bytes(got)
-
-
-def _send_queued(proxy: Proxy, tun: socket.socket, batch) -> None:
-    for _peer, pkt in batch:
-        tun.send(pkt)
-    proxy.start(name="test-gso-proxy")
-
-
-SO_NO_CHECK = 11  # UDP without checksums: the kernel then refuses GSO sends (EINVAL)
-
-
-@pytest.mark.parametrize("gso_refused", [False, True], ids=["gso", "gso-refused"])
-def test_gso_runs_leave_as_the_very_datagrams_of_one_by_one_sends(gso_refused):
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    udp, peer_a, peer_b = _udp_socket(), _udp_socket(), _udp_socket()
-    if gso_refused:
-        udp.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 1)
-    try:
-        with Proxy(a.fileno(), udp.fileno(), TUN_ADDR, MTU, batch=32) as proxy:
-            proxy.set_route(PEER_NET, IPv4Address("127.0.0.1"), peer_a.getsockname()[1])
-            proxy.set_route(IPv4Network("10.10.3.0/24"), IPv4Address("127.0.0.1"),
-                            peer_b.getsockname()[1])
-            batch = _queued_batch()
-            _send_queued(proxy, b, batch)  # queued first, so the loop reads them in one batch
-            for name, sock in (("a", peer_a), ("b", peer_b)):
-                want = [_expected_after_hop(pkt) for peer, pkt in batch if peer == name]
-                assert [sock.recv(65535) for _ in want] == want
-            c = _settled(proxy, udp_tx_packets=len(batch))
-            assert c["udp_tx_packets"] == len(batch) and c["drop_send_error"] == 0
-            # loopback offloads checksums, so GSO is used unless refused (then: one by one)
-            assert (c["udp_tx_gso"] == 0) == gso_refused
-    finally:
-        for s in (a, b, udp, peer_a, peer_b):
-            s.close()
-
-
-def test_gro_joined_datagrams_are_split_into_the_original_packets():
-    """Proxy A sends GSO runs over loopback to proxy B, whose socket has UDP GRO on: the
-    kernel hands B joined datagrams, and B must write the original packets to its TUN."""
-    a_tun, a_test = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    b_tun, b_test = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    udp_a, udp_b = _udp_socket(), _udp_socket()
-    b_test.settimeout(5)
-    batch = [pkt for peer, pkt in _queued_batch() if peer == "a"]
-    try:
-        with Proxy(a_tun.fileno(), udp_a.fileno(), TUN_ADDR, MTU, batch=32) as a, \
-                Proxy(b_tun.fileno(), udp_b.fileno(), IPv4Address("10.10.2.0"), MTU, batch=32) as b:
-            a.set_route(PEER_NET, IPv4Address("127.0.0.1"), udp_b.getsockname()[1])
-            b.start(name="test-gro-proxy")
-            _send_queued(a, a_test, [("a", pkt) for pkt in batch])
-            got = [b_test.recv(65535) for _ in batch]
-            assert got == [_expected_after_hop(_expected_after_hop(pkt)) for pkt in batch]
-            c = _settled(b, tun_tx_packets=len(batch))
-            assert (c["udp_rx_packets"], c["tun_tx_packets"]) == (len(batch), len(batch))
-            assert c["udp_rx_gro"] > 0 and _settled(a)["udp_tx_gso"] > 0
-    finally:
-        for s in (a_tun, a_test, b_tun, b_test, udp_a, udp_b):
-            s.close()
-
-
-@pytest.mark.needs_root
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: creates a namespace and a TUN")
-def test_on_the_wire_gso_runs_are_one_bare_ip_packet_per_datagram():
-    """The proxy's UDP socket sends through a second TUN: reading that TUN shows exactly what
-    goes on the wire, as a Go peer would receive it."""
-    from flannel.dataplane.tun import configure_tun, open_tun
-
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    with netns(f"fpx{uuid.uuid4().hex[:6]}gs") as ns:
-        wire = run_in_netns(ns, open_tun, "fpxwire")
-        udp = None
-        try:
-            run_in_netns(ns, configure_tun, wire, IPv4Interface("192.168.88.1/24"), 1500,
-                         IPv4Network("192.168.88.0/24"))
-            udp = run_in_netns(ns, _udp_socket, "192.168.88.1")
-            with Proxy(a.fileno(), udp.fileno(), TUN_ADDR, MTU, batch=32) as proxy:
-                proxy.set_route(PEER_NET, IPv4Address("192.168.88.2"), 8285)
-                batch = [(p, pkt) for p, pkt in _queued_batch() if p == "a"]
-                _send_queued(proxy, b, batch)
-                seen = []
-                while len(seen) < len(batch):
-                    assert select.select([wire.fd], [], [], 10)[0], f"only {len(seen)} datagrams"
-                    outer = os.read(wire.fd, 65535)
-                    if outer[0] >> 4 == 4 and outer[9] == ippkt.UDP:
-                        seen.append(outer)
-                for outer, (_p, pkt) in zip(seen, batch):
-                    assert int.from_bytes(outer[22:24], "big") == 8285  # UDP destination port
-                    assert outer[28:] == _expected_after_hop(pkt)  # a bare IP packet, nothing else
-                c = _settled(proxy, udp_tx_packets=len(batch))
-                assert (c["udp_tx_packets"], c["drop_send_error"]) == (len(batch), 0)
-                assert c["udp_tx_gso"] > 0
-        finally:
-            if udp is not None:
-                udp.close()
-            wire.close()
-            a.close()
-            b.close()
-
 
 # ---------------------------------------------------------------------------- life cycle
 
@@ -431,7 +263,7 @@ def test_stop_from_another_thread_is_prompt_and_sticky():
 
 def test_stop_event_ends_the_loop_and_a_dead_tun_sets_it():
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)  # hangs up when b closes
-    udp = _udp_socket()
+    udp = udp_socket()
     stop = threading.Event()
     proxy = Proxy(a.fileno(), udp.fileno(), TUN_ADDR, MTU)
     try:
@@ -465,8 +297,8 @@ def tun_rig():
 
     with netns(f"fpx{uuid.uuid4().hex[:6]}px") as ns:
         tun = run_in_netns(ns, open_tun, "flannel0")
-        udp = run_in_netns(ns, _udp_socket)
-        peer = run_in_netns(ns, _udp_socket)
+        udp = run_in_netns(ns, udp_socket)
+        peer = run_in_netns(ns, udp_socket)
         proxy = None
         try:
             run_in_netns(ns, configure_tun, tun, IPv4Interface("10.10.1.0/16"), MTU,
