@@ -93,6 +93,9 @@ class NetworkLoop:
         self.lease: Optional[Lease] = None
         self.attrs: Optional[LeaseAttrs] = None
         self._wake = threading.Event()  # set by the own-lease watch when our lease changes
+        # the peer watcher's own stop: set when this loop ends; if the watcher sets it itself
+        # (it died), the loop's `stop` is still clear and the guard reports a fatal error
+        self._watch_stop = threading.Event()
         self._threads: list = []
         self._masq_on: Optional[tuple] = None
         self._shutdown_lock = threading.Lock()
@@ -115,6 +118,7 @@ class NetworkLoop:
             log.exception("%s: network loop failed", self.settings.label)
             self.on_fatal(f"network loop of {net or 'the network'} failed: {exc}")
         finally:
+            self._watch_stop.set()
             self.shutdown()
 
     def _run(self) -> None:
@@ -214,8 +218,8 @@ class NetworkLoop:
     def _start_watchers(self, subnet: IPv4Network) -> None:
         from flannel.subnet.watch import LeaseWatcher
 
-        peers = LeaseWatcher(self.manager, self.settings.network, subnet, self._apply, self.stop,
-                             timeout=self.settings.watch_timeout)
+        peers = LeaseWatcher(self.manager, self.settings.network, subnet, self._apply,
+                             self._watch_stop, timeout=self.settings.watch_timeout)
         base = f"net-{self.settings.network or 'default'}"
         for name, target in ((f"{base}-peers", peers.run), (f"{base}-lease", self._watch_own)):
             thread = threading.Thread(target=self._guard(target), name=name, daemon=True)
@@ -224,12 +228,15 @@ class NetworkLoop:
 
     def _guard(self, target: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
+            name = threading.current_thread().name
             try:
                 target()
             except Exception as exc:
-                log.exception("%s: thread %s failed", self.settings.label,
-                              threading.current_thread().name)
-                self.on_fatal(f"{threading.current_thread().name} failed: {exc}")
+                log.exception("%s: thread %s failed", self.settings.label, name)
+                self.on_fatal(f"{name} failed: {exc}")
+                return
+            if not self.stop.is_set():
+                self.on_fatal(f"{name} ended while {self.settings.label} was running")
 
         return run
 

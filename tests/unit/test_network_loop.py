@@ -487,3 +487,22 @@ def test_importing_the_backend_package_is_lazy():
             "print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_dying_peer_watcher_stops_the_daemon(tmp_path, stop):
+    """A bug in the backend's apply must not leave a daemon running without a data path."""
+    manager = FakeManager()
+    manager.configs[""] = CONFIG
+    manager.leases[("", IPv4Network("10.10.200.0/24"))] = Lease(IPv4Network("10.10.200.0/24"), LeaseAttrs(OTHER))
+
+    class Buggy(FakeBackend):
+        def apply(self, events):
+            raise ZeroDivisionError("bug")
+
+    loop, events = make_loop(tmp_path, manager, stop)
+    loop.backend_factory = lambda type_name, ext, config: Buggy(ext, config)
+    thread = run_thread(loop)
+    assert wait_for(lambda: events.fatal)
+    assert "net-default-peers" in events.fatal[0]
+    thread.join(5)
+    assert not thread.is_alive()
