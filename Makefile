@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-SOURCES := setup.py pyproject.toml requirements.txt build_ext.py csrc/proxy.c csrc/proxy.h
+SOURCES := setup.py pyproject.toml requirements.txt build_ext.py $(wildcard csrc/*.c csrc/*.h)
 BACKEND ?= udp
 
 .PHONY: all deps venv test unit demo bench deb rpm clean
