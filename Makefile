@@ -6,12 +6,15 @@ STAMP  := $(VENV)/.installed
 SOURCES := setup.py pyproject.toml requirements.txt build_ext.py $(wildcard csrc/*.c csrc/*.h)
 BACKEND ?= udp
 
-.PHONY: all deps venv test unit demo bench deb rpm clean
+.PHONY: all deps packaging-deps venv test unit demo bench deb rpm clean
 
 all: venv
 
 deps:
 	@PYTHON=$(PYTHON) scripts/install-deps.sh
+
+packaging-deps:
+	@PYTHON=$(PYTHON) scripts/install-deps.sh --packaging
 
 $(STAMP): $(SOURCES)
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +25,7 @@ $(STAMP): $(SOURCES)
 
 venv: deps $(STAMP)
 
-test: venv
+test: packaging-deps venv
 	$(PY) -m pytest tests/unit tests/integration tests/e2e tests/packaging
 
 unit: venv
@@ -34,11 +37,11 @@ demo: venv
 bench: venv
 	$(PY) -m pytest -s -m bench tests/bench
 
-# Distro packages, built into dist/ (the packaging tools come with `deps`).
-deb: deps
+# Distro packages, built into dist/.
+deb: packaging-deps
 	scripts/build-deb.sh
 
-rpm: deps
+rpm: packaging-deps
 	scripts/build-rpm.sh
 
 clean:

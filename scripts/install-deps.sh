@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Install the Debian packages flanneld's build, demo and tests need, only those missing.
+# With --packaging also the tools to build and check the .deb and .rpm (make test, deb, rpm).
 set -euo pipefail
+packaging=false
+[ "${1:-}" = "--packaging" ] && packaging=true
 
 need=()
 have_cmd() { command -v "$1" >/dev/null 2>&1; }
@@ -21,12 +24,14 @@ PY
 # Packaging (make deb, make rpm, tests/packaging): build tools, lintian, rpmbuild, shellcheck,
 # systemd-analyze, and the Debian packages of the runtime dependencies the .deb depends on.
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "ok installed"; }
-for pkg in debhelper dh-python pybuild-plugin-pyproject python3-all-dev python3-setuptools \
-           python3-wheel python3-cffi python3-build python3-installer lintian rpm shellcheck \
-           systemd python3-etcd python3-pyroute2 python3-werkzeug python3-requests \
-           python3-configargparse; do
-    have_pkg "$pkg" || need+=("$pkg")
-done
+if $packaging; then
+    for pkg in debhelper dh-python pybuild-plugin-pyproject python3-all-dev python3-setuptools \
+               python3-wheel python3-cffi python3-build python3-installer lintian rpm shellcheck \
+               systemd python3-etcd python3-pyroute2 python3-werkzeug python3-requests \
+               python3-configargparse; do
+        have_pkg "$pkg" || need+=("$pkg")
+    done
+fi
 
 if [ ${#need[@]} -eq 0 ]; then
     exit 0

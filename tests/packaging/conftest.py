@@ -33,7 +33,7 @@ def run(cmd, *, check=True, timeout=300, env=None, **kwargs) -> subprocess.Compl
 def require_tools(*names: str) -> None:
     missing = [n for n in names if shutil.which(n, path=SYSTEM_PATH) is None]
     if missing:
-        pytest.skip(f"needs {', '.join(missing)} (scripts/install-deps.sh installs them)")
+        pytest.skip(f"needs {', '.join(missing)} (scripts/install-deps.sh --packaging installs them)")
 
 
 def _build(script: str, pattern: str, tmp_path_factory) -> Path:
