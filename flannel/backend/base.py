@@ -5,11 +5,15 @@ The network loop (flannel.network) drives a backend through one life cycle per l
     backend = cls(ext_iface, config)       # no kernel changes yet
     attrs = backend.lease_attrs()          # set up what the lease must advertise (e.g. VTEP MAC)
     backend.start(lease, stop)             # configure for our lease; may start named threads
+    backend.sync(leases)                   # every peer lease of a snapshot: sweep stale entries
     backend.apply(events)                  # peers added/removed (never our own lease)
     backend.stop()                         # stop threads; devices, routes stay (peers keep working)
 
 `apply` receives batches from flannel.subnet.watch.LeaseWatcher; a resync arrives as removals
-and additions, so `apply` must be idempotent. Errors are raised as BackendError (kernel
+and additions, so `apply` must be idempotent. Before the batch of each snapshot (the first one,
+and one taken when the store's history no longer reaches the watcher's cursor), `sync`
+receives every peer lease of it: the kernel may hold entries of peers that left while no
+daemon was running, which no removal event will ever name. Errors are raised as BackendError (kernel
 trouble) or ConfigError (bad Backend options, detected in the constructor).
 """
 
@@ -66,6 +70,11 @@ class Backend(ABC):
     @abstractmethod
     def apply(self, events: Iterable[Event]) -> None:
         """Add or remove peers. Must be idempotent and must ignore our own subnet."""
+
+    def sync(self, leases: list[Lease]) -> None:
+        """`leases` are all the peers there are (our own lease excluded): forget, and remove
+        from the kernel, what this backend owns for any other subnet. Entries of the peers in
+        `leases` stay (`apply` follows with them). Default: nothing to sweep."""
 
     def stop(self) -> None:
         """Stop threads and release file descriptors; kernel state is left for a restart."""

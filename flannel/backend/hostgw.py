@@ -1,7 +1,7 @@
 """The host-gw backend: plain kernel routes, for hosts that share one L2 segment.
 
 Per peer: a route to its subnet via its PublicIP on the external interface. Nothing else is
-created, so the MTU is the external one. Routes vanish when the link goes down or someone
+created, so the MTU is the external one. A sync removes such routes of peers that are gone. Routes vanish when the link goes down or someone
 deletes them; a named thread re-checks every CHECK_INTERVAL seconds and restores them.
 Behind NAT (--public-ip differing from the interface address) peers could not route to us,
 so the backend refuses to start, as Go flanneld does.
@@ -14,7 +14,7 @@ import threading
 from typing import Iterable
 
 from flannel.backend.base import Backend, ExternalInterface
-from flannel.backend.peers import split_batch
+from flannel.backend.peers import current_peers, split_batch, stale_routes
 from flannel.dataplane import netlink
 from flannel.errors import BackendError
 from flannel.subnet.config import NetworkConfig
@@ -76,6 +76,28 @@ class HostGwBackend(Backend):
                     # the check loop retries it; report it once here
                     log.error("failed to add route for peer %s: %s", lease.subnet, exc)
                     errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def sync(self, leases: list[Lease]) -> None:
+        """Forget peers not in `leases` and delete the routes a departed peer left on the
+        external interface: via a gateway, to a SubnetLen subnet of the overlay Network that
+        is neither a current peer's nor ours (one dump for all of them)."""
+        own = self.lease.subnet if self.lease else None
+        peers = current_peers(leases, own, self.type_name, self.ext_iface.ext_addr)
+        errors, swept = [], 0
+        with self._lock:
+            for subnet in [s for s in self._routes if s not in peers]:
+                del self._routes[subnet]  # or the check loop would bring its route back
+            state = netlink.read_state()
+            for route in stale_routes(state, self.ext_iface.index, self.config, {*peers, own}):
+                try:
+                    swept += netlink.remove_route(route.dst, route.oif, route.gateway, state=state)
+                except BackendError as exc:
+                    log.error("failed to remove the route of a departed peer: %s", exc)
+                    errors.append(exc)
+        if swept:
+            log.info("removed %d route(s) of peers that are gone", swept)
         if errors:
             raise errors[0]
 

@@ -1,5 +1,6 @@
-"""Helpers the kernel backends share: reading typed Backend options and turning a batch of
-lease events into the peers to remove and the peers to add.
+"""Helpers the kernel backends share: reading typed Backend options, turning a batch of
+lease events into the peers to remove and the peers to add, and (for a sync) telling which
+peers stay and which routes a departed peer left behind.
 
 A batch is coalesced per subnet (the last event wins) and removals are applied before
 additions, so that a host that moved to a new subnet keeping its VTEP MAC or public IP
@@ -12,9 +13,10 @@ import logging
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, Iterable, Optional
 
+from flannel.dataplane.kstate import KernelState
 from flannel.errors import ConfigError
 from flannel.subnet.config import NetworkConfig
-from flannel.subnet.models import ADDED, Event
+from flannel.subnet.models import ADDED, Event, Lease
 
 log = logging.getLogger(__name__)
 
@@ -58,20 +60,53 @@ def split_batch(
     for subnet, event in last.items():
         if subnet == own_subnet:
             continue
+        why = None if event.type != ADDED else _unusable(event.lease, backend_type, own_ip)
         if event.type != ADDED:
             removed.append(subnet)
-        elif event.lease.attrs.backend_type != backend_type:
-            log.warning(
-                "ignoring lease %s of %s: its BackendType is %r, not %r",
-                subnet, event.lease.attrs.public_ip, event.lease.attrs.backend_type, backend_type,
-            )
-            removed.append(subnet)
-        elif own_ip is not None and event.lease.attrs.public_ip == own_ip:
-            log.warning("ignoring lease %s: it has our own public IP %s", subnet, own_ip)
+        elif why is not None:
+            log.warning("ignoring lease %s of %s: %s", subnet, event.lease.attrs.public_ip, why)
             removed.append(subnet)
         else:
             added.append(event.lease)
     return removed, added
+
+
+def _unusable(lease: Lease, backend_type: str, own_ip: Optional[IPv4Address]) -> Optional[str]:
+    """Why this data path cannot use a peer's lease, or None when it can."""
+    if lease.attrs.backend_type != backend_type:
+        return f"its BackendType is {lease.attrs.backend_type!r}, not {backend_type!r}"
+    if own_ip is not None and lease.attrs.public_ip == own_ip:
+        return f"it has our own public IP {own_ip}"
+    return None
+
+
+def current_peers(leases: Iterable[Lease], own_subnet: Optional[IPv4Network], backend_type: str,
+                  own_ip: Optional[IPv4Address] = None) -> dict:
+    """{subnet: lease} of the peers a sync keeps: the leases split_batch would add (silently:
+    apply logs the skipped ones when the same leases reach it)."""
+    return {
+        lease.subnet: lease for lease in leases
+        if lease.subnet != own_subnet and _unusable(lease, backend_type, own_ip) is None
+    }
+
+
+def peer_subnet_of(config: NetworkConfig, dst: IPv4Network) -> bool:
+    """Whether `dst` looks like a lease of this network: inside Network, SubnetLen long."""
+    return dst.prefixlen == config.subnet_len and dst.subnet_of(config.network)
+
+
+def stale_routes(state: KernelState, oif: int, config: NetworkConfig, keep: Iterable) -> list:
+    """Routes via a gateway on link `oif` to subnets of this network that are not in `keep`:
+    what a peer that is gone left behind. Anything else (routes outside the overlay, routes
+    without a gateway, other links) is never ours to remove."""
+    keep = set(keep)
+    return [
+        route
+        for dst, routes in state.routes.items()
+        if dst not in keep and peer_subnet_of(config, dst)
+        for route in routes
+        if route.oif == oif and route.gateway is not None
+    ]
 
 
 def describe(value: Any) -> str:

@@ -5,7 +5,8 @@ learning, MTU = external MTU - 50) holding our lease's .0/32; its MAC is publish
 lease as BackendData {"VtepMAC": ...}. Per peer, as later Go flanneld versions do: a
 permanent neighbour (peer .0 -> VtepMAC), a permanent forwarding entry (VtepMAC -> peer
 PublicIP) and a route to the peer subnet via its .0 onlink. With DirectRouting, a peer on our
-L2 segment gets a plain route via its PublicIP instead. Devices and entries outlive stop().
+L2 segment gets a plain route via its PublicIP instead. Devices and entries outlive stop();
+a sync removes those of peers that are gone.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Iterable, Optional
 
 from flannel.backend.base import Backend, ExternalInterface
-from flannel.backend.peers import bool_option, describe, int_option, split_batch
+from flannel.backend.peers import (
+    bool_option, current_peers, describe, int_option, peer_subnet_of, split_batch, stale_routes,
+)
 from flannel.dataplane import netlink
 from flannel.dataplane.kstate import KernelState, VxlanSpec
 from flannel.errors import BackendError
@@ -108,6 +111,51 @@ class VxlanBackend(Backend):
         if errors:
             raise errors[0]
 
+    def sync(self, leases: list[Lease]) -> None:
+        """Forget peers not in `leases` and delete what departed peers left on our device
+        (routes via a gateway to SubnetLen subnets of the Network, permanent neighbours at
+        such a subnet's first address, forwarding entries of a MAC no current peer has) and,
+        with DirectRouting, their direct routes on the external interface. One dump."""
+        own = self.lease.subnet if self.lease else None
+        peers = current_peers(leases, own, self.type_name, self.ext_iface.ext_addr)
+        keep = {*peers, own}
+        macs = {_vtep_mac(lease) for lease in peers.values()}
+        errors, swept = [], 0
+        with self._lock:
+            if self.dev_index is None:
+                self._ensure_device()
+            for subnet in [s for s in self._peers if s not in peers]:
+                del self._peers[subnet]
+            state = netlink.read_state(self.dev_index)
+            for action, fn, *args in self._stale(state, keep, macs):
+                try:
+                    swept += fn(*args, state=state)
+                except BackendError as exc:
+                    log.error("failed to remove %s of a departed peer: %s", action, exc)
+                    errors.append(exc)
+        if swept:
+            log.info("removed %d entries of peers that are gone from %s", swept, self.spec.name)
+        if errors:
+            raise errors[0]
+
+    def _stale(self, state: KernelState, keep: set, macs: set) -> list:
+        """(what, remove function, its arguments) for every entry a sync removes."""
+        links = [self.dev_index] + ([self.ext_iface.index] if self.direct_routing else [])
+        stale = [
+            (f"route {route}", netlink.remove_route, route.dst, route.oif, route.gateway)
+            for link in links for route in stale_routes(state, link, self.config, keep)
+        ]
+        gateways = {subnet.network_address for subnet in keep if subnet is not None}
+        for ip in state.neighbours:
+            subnet = IPv4Network((ip, self.config.subnet_len), strict=False)
+            if ip not in gateways and ip == subnet.network_address and peer_subnet_of(self.config, subnet):
+                stale.append((f"neighbour {ip}", netlink.remove_neighbour, self.dev_index, ip))
+        for mac, dsts in state.fdb.items():
+            if mac not in macs:
+                stale += [(f"forwarding entry {mac} dst {dst}", netlink.remove_fdb, self.dev_index, mac, dst)
+                          for dst in dsts]
+        return stale
+
     @staticmethod
     def _try(action: str, fn, *args) -> list:
         # one broken peer must not keep the others from being programmed
@@ -121,16 +169,15 @@ class VxlanBackend(Backend):
     # -- peers ----------------------------------------------------------------
 
     def _peer_of(self, lease: Lease, batch: "_Batch") -> Optional[_Peer]:
-        data = lease.attrs.backend_data
-        mac = data.get("VtepMAC") if isinstance(data, dict) else None
-        if not isinstance(mac, str) or not _MAC.match(mac.lower()):
+        mac = _vtep_mac(lease)
+        if mac is None:
             log.warning(
                 "skipping peer %s (%s): BackendData must hold a VtepMAC like aa:bb:cc:dd:ee:ff, got %s",
-                lease.subnet, lease.attrs.public_ip, describe(data),
+                lease.subnet, lease.attrs.public_ip, describe(lease.attrs.backend_data),
             )
             return None
         direct = any(lease.attrs.public_ip in net for net in batch.connected)
-        return _Peer(lease.attrs.public_ip, mac.lower(), direct)
+        return _Peer(lease.attrs.public_ip, mac, direct)
 
     def _add_peer(self, lease: Lease, batch: "_Batch") -> None:
         peer = self._peer_of(lease, batch)
@@ -177,6 +224,13 @@ class VxlanBackend(Backend):
         in_use = any(p.mac == mac and not p.direct for s, p in self._peers.items() if s != subnet)
         if mac and not in_use:
             netlink.remove_fdb(self.dev_index, mac, state=state)
+
+
+def _vtep_mac(lease: Lease) -> Optional[str]:
+    """The lease's VtepMAC in lower case, or None when its BackendData holds no valid one."""
+    data = lease.attrs.backend_data
+    mac = data.get("VtepMAC") if isinstance(data, dict) else None
+    return mac.lower() if isinstance(mac, str) and _MAC.match(mac.lower()) else None
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The life of one network on this host: wait for a valid config, create the backend,
-acquire a lease, publish it (subnet file, ip-masq, READY=1), follow the peers, renew the
-lease, and claim it again when it is lost.
+acquire a lease, publish it (subnet file, ip-masq, READY=1), follow the peers (each snapshot
+of them also sweeps the backend's entries of peers that are gone), renew the lease, and
+claim it again when it is lost.
 
 Runs as a named thread (`NetworkLoop.run`). Transient store failures are retried forever
 with capped back-off; a lease that another host took over is fatal (`on_fatal`), so that the
@@ -219,7 +220,8 @@ class NetworkLoop:
         from flannel.subnet.watch import LeaseWatcher
 
         peers = LeaseWatcher(self.manager, self.settings.network, subnet, self._apply,
-                             self._watch_stop, timeout=self.settings.watch_timeout)
+                             self._watch_stop, timeout=self.settings.watch_timeout,
+                             on_snapshot=self._sync)
         base = f"net-{self.settings.network or 'default'}"
         for name, target in ((f"{base}-peers", peers.run), (f"{base}-lease", self._watch_own)):
             thread = threading.Thread(target=self._guard(target), name=name, daemon=True)
@@ -245,6 +247,14 @@ class NetworkLoop:
             self.backend.apply(list(events))
         except FlannelError as exc:
             log.error("%s: failed to apply peer changes: %s", self.settings.label, exc)
+
+    def _sync(self, leases: list) -> None:
+        """Every snapshot of the peers: the backend sweeps entries of peers that are gone
+        (after a restart, the peer watcher's first batch can only add)."""
+        try:
+            self.backend.sync(leases)
+        except FlannelError as exc:
+            log.error("%s: failed to remove entries of departed peers: %s", self.settings.label, exc)
 
     def _watch_own(self) -> None:
         """Wake the renew loop as soon as our lease disappears or changes hands, so that a

@@ -78,7 +78,11 @@ class LeaseWatcher(_WatchLoop):
     """Follows every lease of `network` but our own, calling `on_batch(events)` with the
     changes: `added` for a new lease or one whose attributes changed, `removed` (subnet
     only) for one that went away. Renewals that change nothing but the expiration are not
-    passed on."""
+    passed on.
+
+    On every snapshot, `on_snapshot(leases)` (when given) first receives all its leases but
+    our own: the whole truth, against which a consumer can drop state that no event will
+    ever remove (peers that left while no daemon ran: the first batch only adds)."""
 
     def __init__(
         self,
@@ -90,12 +94,14 @@ class LeaseWatcher(_WatchLoop):
         timeout: float = 10.0,
         *,
         max_backoff: float = MAX_BACKOFF,
+        on_snapshot: Optional[Callable[[List[Lease]], None]] = None,
     ):
         super().__init__(stop, timeout, max_backoff)
         self.manager = manager
         self.network = network
         self.own_subnet = own_subnet
         self.on_batch = on_batch
+        self.on_snapshot = on_snapshot
         self.known: Dict[IPv4Network, Lease] = {}
         self.what = f"watch of the leases of network {network or '(default)'}"
 
@@ -104,14 +110,16 @@ class LeaseWatcher(_WatchLoop):
 
     def _take(self, result: WatchResult) -> None:
         if result.snapshot is not None:
-            batch = self._diff(result.snapshot)
+            now = {lease.subnet: lease for lease in result.snapshot if lease.subnet != self.own_subnet}
+            if self.on_snapshot is not None:
+                self.on_snapshot(list(now.values()))
+            batch = self._diff(now)
         else:
             batch = [e for e in (self._fold(e) for e in result.events) if e is not None]
         if batch:
             self.on_batch(batch)
 
-    def _diff(self, snapshot) -> List[Event]:
-        now = {lease.subnet: lease for lease in snapshot if lease.subnet != self.own_subnet}
+    def _diff(self, now: Dict[IPv4Network, Lease]) -> List[Event]:
         batch = [Event.removed(subnet) for subnet in self.known if subnet not in now]
         for subnet, lease in now.items():
             old = self.known.get(subnet)

@@ -100,6 +100,38 @@ def test_snapshot_after_history_loss_emits_only_the_difference():
     assert manager.cursors[:3] == [None, "10", "2000"]
 
 
+def test_every_snapshot_is_offered_whole_before_its_batch():
+    """A restarted daemon's first batch only adds: the full snapshot lets the backend drop
+    peers that left meanwhile. A snapshot after history loss is offered whole again."""
+    stop = threading.Event()
+    calls = []
+    manager = ScriptedManager([
+        WatchResult(snapshot=(lease("10.1.1.0/24", "192.168.77.1"), A, B), cursor="10"),
+        WatchResult(events=(Event(ADDED, C),), cursor="11"),
+        WatchResult(snapshot=(B,), cursor="2000"),
+    ], stop)
+    watcher = LeaseWatcher(manager, "", OWN, lambda batch: calls.append(("batch", batch)), stop,
+                           timeout=0.1, max_backoff=0.01,
+                           on_snapshot=lambda leases: calls.append(("snapshot", leases)))
+    watcher.run()
+    assert calls == [
+        ("snapshot", [A, B]),
+        ("batch", [Event(ADDED, A), Event(ADDED, B)]),
+        ("batch", [Event(ADDED, C)]),
+        ("snapshot", [B]),
+        ("batch", [Event.removed(A.subnet), Event.removed(C.subnet)]),
+    ]
+
+
+def test_an_empty_snapshot_is_offered_too():
+    stop = threading.Event()
+    offered = []
+    manager = ScriptedManager([WatchResult(snapshot=(), cursor="3")], stop)
+    LeaseWatcher(manager, "", OWN, lambda batch: None, stop, timeout=0.1,
+                 on_snapshot=offered.append).run()
+    assert offered == [[]]  # no peers at all: everything left over is stale
+
+
 def test_failures_keep_the_cursor_and_log_once(caplog):
     caplog.set_level("INFO", logger="flannel.subnet.watch")
     _, manager, batches = run_lease_watcher([

@@ -1,0 +1,178 @@
+"""Backend.sync of the kernel backends against a faked netlink adapter: which entries of a
+kernel dump count as left behind by departed peers, and that nothing else is touched (our
+own subnet, current peers, routes outside the overlay, other links, routes without a
+gateway). The same sweeps run against a real kernel in tests/integration/test_peer_sweep.py."""
+
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+
+from flannel.backend import peers
+from flannel.backend.base import ExternalInterface
+from flannel.backend.hostgw import HostGwBackend
+from flannel.backend.vxlan import VxlanBackend
+from flannel.dataplane import netlink
+from flannel.dataplane.kstate import KernelState, Route
+from flannel.errors import BackendError
+from flannel.subnet.config import NetworkConfig
+from flannel.subnet.models import Lease, LeaseAttrs
+
+EXT = ExternalInterface("eth0", 2, IPv4Address("192.168.77.1"), IPv4Address("192.168.77.1"), 1500)
+DEV = 10  # the vxlan device's index
+MAC_B, MAC_C = "2e:aa:00:00:00:02", "2e:aa:00:00:00:03"
+N = IPv4Network
+A = IPv4Address
+
+
+def config(btype, subnet_len=24, **backend):
+    return NetworkConfig.parse({"Network": "10.10.0.0/16", "SubnetLen": subnet_len,
+                                "Backend": {"Type": btype, **backend}})
+
+
+def lease(subnet, ip, btype, mac=None):
+    return Lease(N(subnet), LeaseAttrs(A(ip), btype, {"VtepMAC": mac} if mac else None))
+
+
+def route(dst, gateway, oif, onlink=False):
+    return Route(N(dst), oif, A(gateway) if gateway else None, onlink)
+
+
+class FakeNetlink:
+    """read_state answers with `state`; the remove_* functions record and update it."""
+
+    def __init__(self, monkeypatch, state, refuse=()):
+        self.state, self.refuse, self.removed = state, set(refuse), []
+        monkeypatch.setattr(netlink, "read_state", lambda index=None: self.state)
+        monkeypatch.setattr(netlink, "remove_route", self.remove_route)
+        monkeypatch.setattr(netlink, "remove_neighbour", self.remove_neighbour)
+        monkeypatch.setattr(netlink, "remove_fdb", self.remove_fdb)
+
+    def remove_route(self, dst, oif=None, gateway=None, state=None):
+        if str(dst) in self.refuse:
+            raise BackendError(f"failed to remove route {dst}: Operation not permitted")
+        for old in state.routes_to(dst, oif):
+            state.forget_route(old)
+        self.removed.append(("route", str(dst), oif, str(gateway)))
+        return True
+
+    def remove_neighbour(self, index, ip, state=None):
+        state.neighbours.pop(ip)
+        self.removed.append(("neigh", index, str(ip)))
+        return True
+
+    def remove_fdb(self, index, mac, dst=None, state=None):
+        state.forget_fdb(mac, dst)
+        self.removed.append(("fdb", index, mac, str(dst)))
+        return True
+
+
+def kernel_routes():
+    """Our own subnet, a current peer, one gone, and lookalikes that are not flannel's."""
+    return [
+        route("10.10.1.0/24", "192.168.77.9", EXT.index),  # our own subnet: never
+        route("10.10.2.0/24", "192.168.77.2", EXT.index),  # current peer
+        route("10.10.3.0/24", "192.168.77.3", EXT.index),  # peer gone: swept
+        route("10.20.3.0/24", "192.168.77.3", EXT.index),  # outside the overlay
+        route("10.10.4.0/25", "192.168.77.4", EXT.index),  # not SubnetLen long
+        route("10.10.5.0/24", None, EXT.index),  # no gateway: e.g. an address's prefix
+        route("10.10.6.0/24", "192.168.78.6", 3),  # another link
+        route("0.0.0.0/0", "192.168.77.254", EXT.index),  # the default route
+    ]
+
+
+def test_hostgw_sync_removes_only_routes_of_departed_peers(monkeypatch):
+    fake = FakeNetlink(monkeypatch, KernelState.of(kernel_routes(), {}, []))
+    backend = HostGwBackend(EXT, config("host-gw"))
+    backend.lease = lease("10.10.1.0/24", "192.168.77.1", "host-gw")
+    backend._routes = {N("10.10.2.0/24"): A("192.168.77.2"), N("10.10.3.0/24"): A("192.168.77.3")}
+    backend.sync([
+        lease("10.10.2.0/24", "192.168.77.2", "host-gw"),
+        lease("10.10.1.0/24", "192.168.77.1", "host-gw"),  # ours, should it slip through
+    ])
+    assert fake.removed == [("route", "10.10.3.0/24", EXT.index, "192.168.77.3")]
+    # the check loop must not bring the swept route back
+    assert backend._routes == {N("10.10.2.0/24"): A("192.168.77.2")}
+    assert sorted(map(str, fake.state.routes)) == sorted(
+        str(r.dst) for r in kernel_routes() if str(r.dst) != "10.10.3.0/24")
+
+
+def test_hostgw_sync_sweeps_leases_it_cannot_use(monkeypatch):
+    """A lease of another backend type or with our own public IP gets no route from apply,
+    so a route to it is a leftover too."""
+    state = KernelState.of([route("10.10.7.0/24", "192.168.77.7", EXT.index),
+                            route("10.10.8.0/24", "192.168.77.1", EXT.index)], {}, [])
+    fake = FakeNetlink(monkeypatch, state)
+    backend = HostGwBackend(EXT, config("host-gw"))
+    backend.sync([lease("10.10.7.0/24", "192.168.77.7", "vxlan", MAC_B),
+                  lease("10.10.8.0/24", "192.168.77.1", "host-gw")])
+    assert sorted(r[1] for r in fake.removed) == ["10.10.7.0/24", "10.10.8.0/24"]
+
+
+def test_hostgw_sync_keeps_going_after_a_refusal_and_reports_it(monkeypatch):
+    state = KernelState.of([route("10.10.3.0/24", "192.168.77.3", EXT.index),
+                            route("10.10.4.0/24", "192.168.77.4", EXT.index)], {}, [])
+    fake = FakeNetlink(monkeypatch, state, refuse={"10.10.3.0/24"})
+    with pytest.raises(BackendError, match="10.10.3.0/24"):
+        HostGwBackend(EXT, config("host-gw")).sync([])
+    assert [r[1] for r in fake.removed] == ["10.10.4.0/24"]
+
+
+def vxlan_state():
+    routes = kernel_routes() + [
+        route("10.10.2.0/24", "10.10.2.0", DEV, onlink=True),
+        route("10.10.3.0/24", "10.10.3.0", DEV, onlink=True),
+        route("10.10.9.0/24", "192.168.77.9", EXT.index),  # a direct route (DirectRouting)
+    ]
+    neighbours = {
+        A("10.10.2.0"): MAC_B,  # current peer
+        A("10.10.3.0"): MAC_C,  # gone
+        A("10.10.3.7"): MAC_C,  # not a subnet's first address: never flannel's
+        A("172.16.0.0"): MAC_C,  # outside the overlay
+    }
+    fdb = [(MAC_B, A("192.168.77.2")), (MAC_C, A("192.168.77.3"))]
+    return KernelState.of(routes, neighbours, fdb)
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_vxlan_sync_removes_entries_of_departed_peers_on_our_device(monkeypatch, direct):
+    fake = FakeNetlink(monkeypatch, vxlan_state())
+    backend = VxlanBackend(EXT, config("vxlan", DirectRouting=direct))
+    backend.dev_index = DEV
+    backend.lease = lease("10.10.1.0/24", "192.168.77.1", "vxlan", "aa:aa:aa:aa:aa:aa")
+    backend.sync([lease("10.10.2.0/24", "192.168.77.2", "vxlan", MAC_B.upper())])
+    expected = [
+        ("route", "10.10.3.0/24", DEV, "10.10.3.0"),
+        ("neigh", DEV, "10.10.3.0"),
+        ("fdb", DEV, MAC_C, "192.168.77.3"),
+    ]
+    if direct:
+        # with DirectRouting the external interface holds peer routes too
+        expected[1:1] = [("route", "10.10.3.0/24", EXT.index, "192.168.77.3"),
+                         ("route", "10.10.9.0/24", EXT.index, "192.168.77.9")]
+    assert fake.removed == expected
+    assert fake.state.neighbours == {A("10.10.2.0"): MAC_B, A("10.10.3.7"): MAC_C, A("172.16.0.0"): MAC_C}
+
+
+def test_vxlan_sync_keeps_a_mac_a_current_peer_still_uses(monkeypatch):
+    """A host that moved to another subnet keeps its VTEP MAC: the old subnet's route and
+    neighbour go, the forwarding entry stays."""
+    fake = FakeNetlink(monkeypatch, vxlan_state())
+    backend = VxlanBackend(EXT, config("vxlan"))
+    backend.dev_index = DEV
+    backend.sync([lease("10.10.2.0/24", "192.168.77.2", "vxlan", MAC_B),
+                  lease("10.10.12.0/24", "192.168.77.3", "vxlan", MAC_C)])
+    assert fake.removed == [("route", "10.10.3.0/24", DEV, "10.10.3.0"), ("neigh", DEV, "10.10.3.0")]
+    assert fake.state.fdb == {MAC_B: [A("192.168.77.2")], MAC_C: [A("192.168.77.3")]}
+
+
+def test_peer_subnet_and_current_peers_helpers():
+    cfg = config("host-gw", subnet_len=26)
+    assert peers.peer_subnet_of(cfg, N("10.10.3.64/26"))
+    assert not peers.peer_subnet_of(cfg, N("10.10.3.0/24"))
+    assert not peers.peer_subnet_of(cfg, N("10.11.3.64/26"))
+    kept = peers.current_peers(
+        [lease("10.10.0.64/26", "192.168.77.2", "host-gw"), lease("10.10.0.128/26", "192.168.77.3", "udp"),
+         lease("10.10.0.192/26", "192.168.77.1", "host-gw"), lease("10.10.1.0/26", "192.168.77.4", "host-gw")],
+        N("10.10.1.0/26"), "host-gw", A("192.168.77.1"),
+    )
+    assert list(map(str, kept)) == ["10.10.0.64/26"]
