@@ -14,7 +14,7 @@ import threading
 from typing import Iterable
 
 from flannel.backend.base import Backend, ExternalInterface
-from flannel.backend.peers import current_peers, split_batch, stale_routes
+from flannel.backend.peers import Rechecker, current_peers, split_batch, stale_routes
 from flannel.dataplane import netlink
 from flannel.errors import BackendError
 from flannel.subnet.config import NetworkConfig
@@ -37,9 +37,8 @@ class HostGwBackend(Backend):
             )
         self._routes: dict = {}  # peer subnet -> its PublicIP (the gateway)
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._stop: threading.Event | None = None
-        self._halt = threading.Event()  # set by stop(), so stop() returns promptly
+        self._recheck = Rechecker(f"hostgw-routes-{ext_iface.name}", "host-gw route(s)",
+                                  self.restore_routes, CHECK_INTERVAL)
 
     @property
     def mtu(self) -> int:
@@ -47,13 +46,7 @@ class HostGwBackend(Backend):
 
     def start(self, lease: Lease, stop: threading.Event) -> None:
         self.lease = lease
-        if self._thread is not None and self._thread.is_alive():
-            return  # a new lease for a running backend: routes of peers stay valid
-        self._stop = stop
-        self._thread = threading.Thread(
-            target=self._check_loop, name=f"hostgw-routes-{self.ext_iface.name}", daemon=True
-        )
-        self._thread.start()
+        self._recheck.start(stop)  # a new lease for a running backend: routes of peers stay valid
 
     def apply(self, events: Iterable[Event]) -> None:
         own = self.lease.subnet if self.lease else None
@@ -103,27 +96,9 @@ class HostGwBackend(Backend):
 
     def stop(self) -> None:
         # only the thread ends: our routes stay, so peers keep working across a restart
-        self._halt.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self._recheck.halt()
 
-    # -- route restoration ------------------------------------------------------
-
-    def _check_loop(self) -> None:
-        failing = False
-        while not self._halt.wait(CHECK_INTERVAL) and not self._stop.is_set():
-            try:
-                restored = self.restore_routes()
-            except BackendError as exc:
-                if not failing:
-                    log.warning("cannot restore host-gw routes yet (will retry): %s", exc)
-                failing = True
-                continue
-            if failing:
-                log.info("host-gw routes are restored")
-            elif restored:
-                log.info("restored %d host-gw route(s) that had disappeared", restored)
-            failing = False
+    # -- route restoration (every CHECK_INTERVAL seconds, in the re-check thread) ----
 
     def restore_routes(self) -> int:
         """Re-add every peer route that is missing or differs; returns how many were fixed."""

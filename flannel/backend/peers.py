@@ -1,6 +1,7 @@
 """Helpers the kernel backends share: reading typed Backend options, turning a batch of
-lease events into the peers to remove and the peers to add, and (for a sync) telling which
-peers stay and which routes a departed peer left behind.
+lease events into the peers to remove and the peers to add, (for a sync) telling which
+peers stay and which routes a departed peer left behind, and the thread that re-checks
+peer entries every few seconds.
 
 A batch is coalesced per subnet (the last event wins) and removals are applied before
 additions, so that a host that moved to a new subnet keeping its VTEP MAC or public IP
@@ -10,11 +11,12 @@ does not lose the new entries to the removal of the old ones.
 from __future__ import annotations
 
 import logging
+import threading
 from ipaddress import IPv4Address, IPv4Network
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from flannel.dataplane.kstate import KernelState
-from flannel.errors import ConfigError
+from flannel.errors import BackendError, ConfigError
 from flannel.subnet.config import NetworkConfig
 from flannel.subnet.models import ADDED, Event, Lease
 
@@ -113,3 +115,45 @@ def describe(value: Any) -> str:
     """A short printable form of untrusted lease data for a log line."""
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+class Rechecker:
+    """A named thread calling `fix()` every `interval` seconds until the daemon's `stop` or
+    halt() (the backend's stop) is set. `fix` returns how many entries it repaired and
+    raises BackendError while the kernel refuses: a run of failures is logged once when it
+    starts and once when it ends, never every interval."""
+
+    def __init__(self, name: str, what: str, fix: Callable[[], int], interval: float):
+        self.name, self.what, self.fix, self.interval = name, what, fix, interval
+        self._thread: Optional[threading.Thread] = None
+        self._stop: Optional[threading.Event] = None
+        self._halt = threading.Event()  # set by halt(), so that a backend stops promptly
+
+    def start(self, stop: threading.Event) -> None:
+        """Start the thread; a running one stays (a new lease for a running backend)."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop = stop
+        self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+        self._thread.start()
+
+    def halt(self) -> None:
+        self._halt.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        failing = False
+        while not self._halt.wait(self.interval) and not self._stop.is_set():
+            try:
+                fixed = self.fix()
+            except BackendError as exc:
+                if not failing:
+                    log.warning("cannot restore %s yet (will retry): %s", self.what, exc)
+                failing = True
+                continue
+            if failing:
+                log.info("%s are restored", self.what)
+            elif fixed:
+                log.info("restored %d %s", fixed, self.what)
+            failing = False

@@ -6,7 +6,8 @@ lease as BackendData {"VtepMAC": ...}. Per peer, as later Go flanneld versions d
 permanent neighbour (peer .0 -> VtepMAC), a permanent forwarding entry (VtepMAC -> peer
 PublicIP) and a route to the peer subnet via its .0 onlink. With DirectRouting, a peer on our
 L2 segment gets a plain route via its PublicIP instead. Devices and entries outlive stop();
-a sync removes those of peers that are gone.
+a sync removes those of peers that are gone. A peer the kernel refused is tried again every
+RETRY_INTERVAL seconds by a named thread (lost entries of programmed peers are not restored).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from typing import Iterable, Optional
 
 from flannel.backend.base import Backend, ExternalInterface
 from flannel.backend.peers import (
-    bool_option, current_peers, describe, int_option, peer_subnet_of, split_batch, stale_routes,
+    Rechecker, bool_option, current_peers, describe, int_option, peer_subnet_of, split_batch,
+    stale_routes,
 )
 from flannel.dataplane import netlink
 from flannel.dataplane.kstate import KernelState, VxlanSpec
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 DEFAULT_VNI = 1
 DEFAULT_PORT = 8472  # the Linux default; Go flanneld's Port 0 means this too
 VXLAN_OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
+RETRY_INTERVAL = 3.0  # seconds between attempts to program a peer the kernel refused
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 
@@ -62,7 +65,10 @@ class VxlanBackend(Backend):
         self.dev_index: Optional[int] = None
         self.mac: Optional[str] = None
         self._peers: dict = {}  # subnet -> _Peer, what we programmed
+        self._failed: dict = {}  # subnet -> Lease the kernel refused, retried by _recheck
         self._lock = threading.Lock()
+        self._recheck = Rechecker(f"vxlan-retry-{self.spec.name}", "vxlan peer(s)",
+                                  self.retry_failed, RETRY_INTERVAL)
 
     @property
     def mtu(self) -> int:
@@ -88,6 +94,7 @@ class VxlanBackend(Backend):
             netlink.ensure_address(index, IPv4Interface((lease.subnet.network_address, 32)))
             netlink.ensure_link_up(index, self.mtu)
             self.lease = lease
+        self._recheck.start(stop)
         log.info("vxlan device %s ready: MAC %s, MTU %d", self.spec.name, self.mac, self.mtu)
 
     def apply(self, events: Iterable[Event]) -> None:
@@ -97,19 +104,51 @@ class VxlanBackend(Backend):
             return
         errors = []
         with self._lock:
-            if self.dev_index is None:
-                self._ensure_device()
-            # one dump for the whole batch (a first snapshot may hold a thousand peers)
-            batch = _Batch(
-                netlink.read_state(self.dev_index),
-                netlink.connected_networks(self.ext_iface.index) if self.direct_routing else [],
-            )
+            batch = self._read_batch()
             for subnet in removed:
+                self._failed.pop(subnet, None)
                 errors += self._try(f"remove peer {subnet}", self._remove_peer, subnet, batch)
             for lease in added:
-                errors += self._try(f"add peer {lease.subnet}", self._add_peer, lease, batch)
+                failed = self._try(f"add peer {lease.subnet}", self._add_peer, lease, batch)
+                if failed:
+                    self._failed[lease.subnet] = lease  # the re-check thread tries again
+                else:
+                    self._failed.pop(lease.subnet, None)
+                errors += failed
         if errors:
             raise errors[0]
+
+    def retry_failed(self) -> int:
+        """Program again the peers the kernel refused (every RETRY_INTERVAL seconds, in the
+        re-check thread); returns how many succeeded now."""
+        with self._lock:
+            if not self._failed:
+                return 0
+            batch, done, errors = self._read_batch(), 0, []
+            for subnet, lease in list(self._failed.items()):
+                try:
+                    self._add_peer(lease, batch)
+                except BackendError as exc:
+                    errors.append(BackendError(f"failed to add peer {subnet}: {exc}"))
+                    continue
+                del self._failed[subnet]
+                done += 1
+        if errors:
+            raise errors[0]
+        return done
+
+    def stop(self) -> None:
+        # only the thread ends: device and entries stay, so peers keep working across a restart
+        self._recheck.halt()
+
+    def _read_batch(self) -> "_Batch":
+        # one dump for the whole batch (a first snapshot may hold a thousand peers)
+        if self.dev_index is None:
+            self._ensure_device()
+        return _Batch(
+            netlink.read_state(self.dev_index),
+            netlink.connected_networks(self.ext_iface.index) if self.direct_routing else [],
+        )
 
     def sync(self, leases: list[Lease]) -> None:
         """Forget peers not in `leases` and delete what departed peers left on our device
@@ -124,8 +163,9 @@ class VxlanBackend(Backend):
         with self._lock:
             if self.dev_index is None:
                 self._ensure_device()
-            for subnet in [s for s in self._peers if s not in peers]:
-                del self._peers[subnet]
+            for known in (self._peers, self._failed):
+                for subnet in [s for s in known if s not in peers]:
+                    del known[subnet]
             state = netlink.read_state(self.dev_index)
             for action, fn, *args in self._stale(state, keep, macs):
                 try:
