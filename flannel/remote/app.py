@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 from typing import Optional
 
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
@@ -129,8 +129,8 @@ class Application:
 
     def _lease_delete(self, request, network, subnet):
         network, subnet = api.parse_network_segment(network), api.parse_subnet_segment(subnet)
-        self._authorize_holder(request, network, subnet, f"revoke the lease of {subnet}")
-        self.manager.revoke_lease(network, subnet)
+        holder = self._authorize_holder(request, network, subnet, f"revoke the lease of {subnet}")
+        self.manager.revoke_lease(network, subnet, holder)
         return Response(status=200)
 
     def _leases_get(self, request, network):
@@ -205,16 +205,21 @@ class Application:
     def _identity(request):
         return peer_ips(request.environ.get("werkzeug.socket"))
 
-    def _authorize_holder(self, request, network: str, subnet: IPv4Network, action: str) -> None:
+    def _authorize_holder(
+        self, request, network: str, subnet: IPv4Network, action: str
+    ) -> Optional[IPv4Address]:
         """With client certificates, the lease as stored must be the client's too (a body
-        can claim any PublicIP)."""
+        can claim any PublicIP); its holder is returned for a compare-and-delete. None
+        without client certificates."""
         if self._identity(request) is None:
-            return
+            return None
         current = self.manager.watch_lease(network, subnet, None, 0.0)
         leases = current.snapshot or [e.lease for e in current.events if e.type != "removed"]
         if not leases:
             raise NotFoundError(f"no lease for {subnet} in network {network or '(default)'}")
-        self._authorize(request, leases[0].attrs.public_ip, action)
+        holder = leases[0].attrs.public_ip
+        self._authorize(request, holder, action)
+        return holder
 
     def _authorize(self, request, public_ip, action: str) -> None:
         """With client certificates, a client acts only for the PublicIP its certificate names."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 from typing import List, Optional
 
 import requests
@@ -116,7 +116,10 @@ class RemoteManager(SubnetManager):
                           body=lease.to_json())
         return api.decode_lease(resp.content)
 
-    def revoke_lease(self, network: str, subnet: IPv4Network) -> None:
+    def revoke_lease(self, network: str, subnet: IPv4Network,
+                     holder: Optional[IPv4Address] = None) -> None:
+        # the wire has no holder field: a server with client certificates checks the
+        # holder against the certificate's IP itself, with a compare-and-delete
         self._call("DELETE", api.lease_path(network, subnet), f"revoke the lease of {subnet}")
 
     def watch_lease(self, network: str, subnet: IPv4Network, cursor: Optional[str],

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 from typing import Iterable, List, Optional
 
 from flannel.errors import LeaseError, LeaseTakenError, NotFoundError
@@ -170,8 +170,20 @@ class LocalManager(SubnetManager):
             )
         return raw
 
-    def revoke_lease(self, network: str, subnet: IPv4Network) -> None:
-        self.registry.delete_subnet(network, subnet)
+    def revoke_lease(
+        self, network: str, subnet: IPv4Network, holder: Optional[IPv4Address] = None
+    ) -> None:
+        if holder is None:
+            self.registry.delete_subnet(network, subnet)
+            return
+        for _ in range(RENEW_TRIES):
+            raw = self._read_own(network, Lease(subnet, LeaseAttrs(holder)))
+            try:
+                self.registry.delete_subnet(network, subnet, prev_value=raw.value)
+                return
+            except CompareFailed as exc:
+                log.debug("revocation of %s raced with another write: %s", subnet, exc)
+        raise LeaseError(f"failed to revoke lease {subnet}: the key kept changing under us")
 
     # -- reservations ---------------------------------------------------------------------
 

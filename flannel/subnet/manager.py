@@ -9,7 +9,7 @@ that callers can notice a stop request; they raise RegistryError when the store 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 from typing import List, Optional
 
 from flannel.subnet.config import NetworkConfig
@@ -38,8 +38,12 @@ class SubnetManager(ABC):
         host holds the subnet now."""
 
     @abstractmethod
-    def revoke_lease(self, network: str, subnet: IPv4Network) -> None:
-        """Delete the lease of `subnet`."""
+    def revoke_lease(
+        self, network: str, subnet: IPv4Network, holder: Optional[IPv4Address] = None
+    ) -> None:
+        """Delete the lease of `subnet`. With `holder`, delete it only while that PublicIP
+        holds it (compare-and-delete; LeaseTakenError otherwise), so a check of the holder
+        and the delete cannot be separated by another host's write."""
 
     @abstractmethod
     def watch_lease(

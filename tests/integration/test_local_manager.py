@@ -167,6 +167,20 @@ def test_reservations(etcd, prefix):
         mgr.remove_reservation("", pinned)
 
 
+def test_revoke_for_a_holder_is_a_compare_and_delete(etcd, prefix):
+    put_config(etcd, prefix)
+    mgr = manager(etcd, prefix)
+    lease = mgr.acquire_lease("", attrs(1))
+    with pytest.raises(LeaseTakenError, match="held by 192.168.77.1"):
+        mgr.revoke_lease("", lease.subnet, holder=IPv4Address("192.168.77.2"))
+    assert json.loads(node(etcd, prefix, lease.subnet).value)["PublicIP"] == "192.168.77.1"
+    mgr.revoke_lease("", lease.subnet, holder=IPv4Address("192.168.77.1"))
+    with pytest.raises(etcd_lib.EtcdKeyNotFound):
+        node(etcd, prefix, lease.subnet)
+    with pytest.raises(NotFoundError, match="no longer exists"):
+        mgr.revoke_lease("", lease.subnet, holder=IPv4Address("192.168.77.1"))
+
+
 def test_lease_deleted_behind_our_back(etcd, prefix):
     put_config(etcd, prefix)
     mgr = manager(etcd, prefix)

@@ -8,11 +8,11 @@ import ssl
 import pytest
 import trustme
 
-from flannel.errors import OptionsError, PermissionDenied, RegistryError, RemoteError
+from flannel.errors import LeaseError, OptionsError, PermissionDenied, RegistryError, RemoteError
 from flannel.remote.client import RemoteManager
 from flannel.remote.server import Server
 from flannel.subnet.models import Lease
-from tests.support.remote import attrs, local_manager, put_config, running_server
+from tests.support.remote import CountingManager, attrs, local_manager, put_config, running_server
 
 pytestmark = pytest.mark.needs_etcd
 
@@ -127,6 +127,32 @@ def test_a_client_acts_only_for_its_own_public_ip(manager, files):
         host1.revoke_lease("", lease1.subnet)
         # watching is open to every authenticated host
         assert [l.subnet for l in host1.watch_leases("", None, 5).snapshot] == [lease2.subnet]
+
+
+class HandOverBeforeRevoke(CountingManager):
+    """Another host takes the lease over between the server's holder check and its delete."""
+
+    def __init__(self, inner, etcd, prefix):
+        super().__init__(inner)
+        self.etcd, self.prefix = etcd, prefix
+
+    def revoke_lease(self, network, subnet, holder=None):
+        key = f"{self.prefix}/subnets/{subnet.network_address}-{subnet.prefixlen}"
+        self.etcd.client().write(key, '{"PublicIP":"192.168.77.2"}', ttl=600)
+        return self.inner.revoke_lease(network, subnet, holder)
+
+
+def test_a_revoke_racing_a_takeover_deletes_nothing(manager, files, etcd, prefix):
+    cert, key = files.server
+    racing = HandOverBeforeRevoke(manager, etcd, prefix)
+    with running_server(racing, certfile=cert, keyfile=key, cafile=files.ca) as srv:
+        host1 = client_for(srv, files, files.host1)
+        lease1 = host1.acquire_lease("", attrs(1))
+        with pytest.raises(LeaseError, match="held by 192.168.77.2"):
+            host1.revoke_lease("", lease1.subnet)
+        # host2's lease, written after host1's check, is still there
+        snapshot = host1.watch_leases("", None, 5).snapshot
+        assert [(l.subnet, str(l.attrs.public_ip)) for l in snapshot] == [(lease1.subnet, "192.168.77.2")]
 
 
 def test_bad_files_fail_at_start_naming_the_file(manager, files, tmp_path):

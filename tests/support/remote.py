@@ -70,8 +70,8 @@ class CountingManager(SubnetManager):
     def renew_lease(self, network, lease):
         return self.inner.renew_lease(network, lease)
 
-    def revoke_lease(self, network, subnet):
-        return self.inner.revoke_lease(network, subnet)
+    def revoke_lease(self, network, subnet, holder=None):
+        return self.inner.revoke_lease(network, subnet, holder)
 
     def watch_lease(self, network, subnet, cursor, timeout):
         return self.inner.watch_lease(network, subnet, cursor, timeout)

@@ -101,7 +101,7 @@ class FakeManager(SubnetManager):
         self.leases[(network, lease.subnet)] = renewed
         return renewed
 
-    def revoke_lease(self, network, subnet):
+    def revoke_lease(self, network, subnet, holder=None):
         self.leases.pop((network, subnet), None)
 
     def watch_lease(self, network, subnet, cursor, timeout):

@@ -88,7 +88,10 @@ class FakeManager(SubnetManager):
         self._change(Event(ADDED, renewed))
         return renewed
 
-    def revoke_lease(self, network, subnet):
+    def revoke_lease(self, network, subnet, holder=None):
+        current = self.leases.get(subnet)
+        if holder is not None and current is not None and current.attrs.public_ip != holder:
+            raise LeaseTakenError(f"{subnet} is held by {current.attrs.public_ip}")
         self._change(Event.removed(subnet))
 
     def watch_leases(self, network, cursor, timeout):
