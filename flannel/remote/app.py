@@ -158,12 +158,14 @@ class Application:
 
     def _reservation_delete(self, request, network, subnet):
         network, subnet = self._known(network), api.parse_subnet_segment(subnet)
+        holder = None
         if self._identity(request) is not None:
             mine = [r for r in self.manager.list_reservations(network) if r.subnet == subnet]
             if not mine:
                 raise NotFoundError(f"no reservation for {subnet}")
-            self._authorize(request, mine[0].public_ip, f"remove the reservation of {subnet}")
-        self.manager.remove_reservation(network, subnet)
+            holder = mine[0].public_ip
+            self._authorize(request, holder, f"remove the reservation of {subnet}")
+        self.manager.remove_reservation(network, subnet, holder)
         return Response(status=200)
 
     def _known(self, segment: str) -> str:

@@ -138,7 +138,9 @@ class RemoteManager(SubnetManager):
         self._call("POST", api.path(network, "reservations"), f"reserve {reservation.subnet}",
                    body=dumps(reservation.to_dict()))
 
-    def remove_reservation(self, network: str, subnet: IPv4Network) -> None:
+    def remove_reservation(self, network: str, subnet: IPv4Network,
+                           holder: Optional[IPv4Address] = None) -> None:
+        # as for revoke_lease, the server checks the holder against the client certificate
         self._call("DELETE", api.lease_path(network, subnet, "reservations"),
                    f"remove the reservation of {subnet}")
 

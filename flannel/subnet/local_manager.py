@@ -207,13 +207,20 @@ class LocalManager(SubnetManager):
             raise LeaseError(f"reservation {subnet}: the subnet is held by {raw.lease.attrs.public_ip}")
         self.registry.update_subnet(network, subnet, raw.value, None, prev_value=raw.value)
 
-    def remove_reservation(self, network: str, subnet: IPv4Network) -> None:
+    def remove_reservation(
+        self, network: str, subnet: IPv4Network, holder: Optional[IPv4Address] = None
+    ) -> None:
         try:
             raw = self.registry.get_subnet(network, subnet)
         except NotFoundError:
             raise NotFoundError(f"no reservation for {subnet} in network {_net_name(network)}") from None
         if not raw.lease.is_reservation:
             raise NotFoundError(f"{subnet} in network {_net_name(network)} is a lease, not a reservation")
+        if holder is not None and raw.lease.attrs.public_ip != holder:
+            raise LeaseTakenError(
+                f"the reservation of {subnet} in network {_net_name(network)} is now "
+                f"{raw.lease.attrs.public_ip}'s, not {holder}'s"
+            )
         self.registry.delete_subnet(network, subnet, prev_value=raw.value)
 
     def list_reservations(self, network: str) -> List[Reservation]:

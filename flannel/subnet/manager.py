@@ -65,8 +65,11 @@ class SubnetManager(ABC):
         """Pin a subnet to a PublicIP (a subnet key without TTL)."""
 
     @abstractmethod
-    def remove_reservation(self, network: str, subnet: IPv4Network) -> None:
-        """Remove a reservation; a lease with a TTL is not a reservation and is left alone."""
+    def remove_reservation(
+        self, network: str, subnet: IPv4Network, holder: Optional[IPv4Address] = None
+    ) -> None:
+        """Remove a reservation; a lease with a TTL is not a reservation and is left alone.
+        With `holder`, only while the reservation is that PublicIP's (LeaseTakenError)."""
 
     @abstractmethod
     def list_reservations(self, network: str) -> List[Reservation]:

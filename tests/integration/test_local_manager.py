@@ -160,7 +160,9 @@ def test_reservations(etcd, prefix):
     mgr.add_reservation("", Reservation(holder.subnet, IPv4Address("192.168.77.8")))
     assert node(etcd, prefix, holder.subnet).ttl is None
 
-    mgr.remove_reservation("", pinned)
+    with pytest.raises(LeaseTakenError, match="192.168.77.5's, not 192.168.77.8's"):
+        mgr.remove_reservation("", pinned, holder=IPv4Address("192.168.77.8"))
+    mgr.remove_reservation("", pinned, holder=IPv4Address("192.168.77.5"))
     mgr.remove_reservation("", holder.subnet)
     assert mgr.list_reservations("") == []
     with pytest.raises(NotFoundError):

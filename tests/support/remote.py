@@ -82,8 +82,8 @@ class CountingManager(SubnetManager):
     def add_reservation(self, network, reservation):
         return self.inner.add_reservation(network, reservation)
 
-    def remove_reservation(self, network, subnet):
-        return self.inner.remove_reservation(network, subnet)
+    def remove_reservation(self, network, subnet, holder=None):
+        return self.inner.remove_reservation(network, subnet, holder)
 
     def list_reservations(self, network):
         return self.inner.list_reservations(network)

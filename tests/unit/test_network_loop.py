@@ -129,7 +129,7 @@ class FakeManager(SubnetManager):
     def add_reservation(self, network, reservation):
         raise NotImplementedError
 
-    def remove_reservation(self, network, subnet):
+    def remove_reservation(self, network, subnet, holder=None):
         raise NotImplementedError
 
     def list_reservations(self, network):

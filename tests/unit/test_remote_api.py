@@ -117,7 +117,7 @@ class FakeManager(SubnetManager):
     def add_reservation(self, network, reservation):
         self._change(Event(ADDED, Lease(reservation.subnet, LeaseAttrs(reservation.public_ip))))
 
-    def remove_reservation(self, network, subnet):
+    def remove_reservation(self, network, subnet, holder=None):
         if subnet not in self.leases:
             raise NotFoundError(f"no reservation for {subnet}")
         self._change(Event.removed(subnet))
