@@ -1,8 +1,9 @@
 """The host-gw backend: plain kernel routes, for hosts that share one L2 segment.
 
 Per peer: a route to its subnet via its PublicIP on the external interface. Nothing else is
-created, so the MTU is the external one. A sync removes such routes of peers that are gone. Routes vanish when the link goes down or someone
-deletes them; a named thread re-checks every CHECK_INTERVAL seconds and restores them.
+created, so the MTU is the external one. A sync removes such routes of peers that are gone.
+Routes vanish when the link goes down or someone deletes them; a named thread, woken by the
+kernel's notifications about the external interface (peers.Rechecker), restores them.
 Behind NAT (--public-ip differing from the interface address) peers could not route to us,
 so the backend refuses to start, as Go flanneld does.
 """
@@ -16,13 +17,14 @@ from typing import Iterable
 from flannel.backend.base import Backend, ExternalInterface
 from flannel.backend.peers import Rechecker, current_peers, split_batch, stale_routes
 from flannel.dataplane import netlink
+from flannel.dataplane.nlevents import ChangeMonitor
 from flannel.errors import BackendError
 from flannel.subnet.config import NetworkConfig
 from flannel.subnet.models import Event, Lease
 
 log = logging.getLogger(__name__)
 
-CHECK_INTERVAL = 3.0  # seconds; restores a lost route well within 10 s
+CHECK_INTERVAL = 3.0  # seconds: at most one re-check this often; a lost route is back within it
 
 
 class HostGwBackend(Backend):
@@ -38,7 +40,8 @@ class HostGwBackend(Backend):
         self._routes: dict = {}  # peer subnet -> its PublicIP (the gateway)
         self._lock = threading.Lock()
         self._recheck = Rechecker(f"hostgw-routes-{ext_iface.name}", "host-gw route(s)",
-                                  self.restore_routes, CHECK_INTERVAL)
+                                  self.restore_routes, CHECK_INTERVAL,
+                                  lambda: ChangeMonitor({ext_iface.index}))
 
     @property
     def mtu(self) -> int:

@@ -1,7 +1,7 @@
 """Helpers the kernel backends share: reading typed Backend options, turning a batch of
 lease events into the peers to remove and the peers to add, (for a sync) telling which
 peers stay and which routes a departed peer left behind, and the thread that re-checks
-peer entries every few seconds.
+peer entries when the kernel reports a change to them.
 
 A batch is coalesced per subnet (the last event wins) and removals are applied before
 additions, so that a host that moved to a new subnet keeping its VTEP MAC or public IP
@@ -10,12 +10,17 @@ does not lose the new entries to the removal of the old ones.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import select
+import socket
 import threading
+import time
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, Callable, Iterable, Optional
 
 from flannel.dataplane.kstate import KernelState
+from flannel.dataplane.nlevents import ChangeMonitor
 from flannel.errors import BackendError, ConfigError
 from flannel.subnet.config import NetworkConfig
 from flannel.subnet.models import ADDED, Event, Lease
@@ -118,42 +123,102 @@ def describe(value: Any) -> str:
 
 
 class Rechecker:
-    """A named thread calling `fix()` every `interval` seconds until the daemon's `stop` or
-    halt() (the backend's stop) is set. `fix` returns how many entries it repaired and
-    raises BackendError while the kernel refuses: a run of failures is logged once when it
-    starts and once when it ends, never every interval."""
+    """A named thread that calls `fix()` when the kernel reports a change to the backend's
+    links (a route or neighbour deleted or replaced, a link going down or up), at most once
+    per `interval` seconds, and in any case every FULL_CHECK seconds; while `fix` fails, and
+    where the notifications cannot be had, every `interval` seconds. It ends when the
+    daemon's `stop` or halt() (the backend's stop) is set. `watch()` gives the ChangeMonitor
+    to wait on when the thread starts (None: poll). `fix` returns how many entries it
+    repaired and raises BackendError while the kernel refuses: a run of failures is logged
+    once when it starts and once when it ends, never every interval."""
 
-    def __init__(self, name: str, what: str, fix: Callable[[], int], interval: float):
+    FULL_CHECK = 60.0
+    _TICK = 1.0  # how often a sleeping thread looks at the daemon's stop event
+
+    def __init__(self, name: str, what: str, fix: Callable[[], int], interval: float,
+                 watch: Optional[Callable[[], Optional[ChangeMonitor]]] = None):
         self.name, self.what, self.fix, self.interval = name, what, fix, interval
+        self.watch = watch
+        self.checks = 0  # calls of fix, for tests and debugging
         self._thread: Optional[threading.Thread] = None
         self._stop: Optional[threading.Event] = None
         self._halt = threading.Event()  # set by halt(), so that a backend stops promptly
+        self._wake: Optional[tuple] = None  # a socket pair: halt() wakes the thread at once
 
     def start(self, stop: threading.Event) -> None:
         """Start the thread; a running one stays (a new lease for a running backend)."""
         if self._thread is not None and self._thread.is_alive():
             return
         self._stop = stop
+        self._wake = socket.socketpair()
         self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
         self._thread.start()
 
     def halt(self) -> None:
         self._halt.set()
+        if self._wake is not None:
+            with contextlib.suppress(OSError):  # the thread has ended and closed it
+                self._wake[1].send(b"x")
         if self._thread is not None:
             self._thread.join(timeout=5)
 
     def _loop(self) -> None:
-        failing = False
-        while not self._halt.wait(self.interval) and not self._stop.is_set():
-            try:
-                fixed = self.fix()
-            except BackendError as exc:
-                if not failing:
-                    log.warning("cannot restore %s yet (will retry): %s", self.what, exc)
-                failing = True
-                continue
-            if failing:
-                log.info("%s are restored", self.what)
-            elif fixed:
-                log.info("restored %d %s", fixed, self.what)
-            failing = False
+        monitor = self._open_monitor()
+        failing, last = False, time.monotonic()
+        try:
+            while True:
+                if monitor is None or failing:
+                    woke = self._sleep(last + self.interval, None)
+                else:
+                    woke = self._sleep(last + self.FULL_CHECK, monitor)
+                    # a burst of changes is one check, not one per notification
+                    woke = woke and self._sleep(last + self.interval, None)
+                if not woke:
+                    return
+                if monitor is not None:
+                    monitor.drain()  # what the check below sees needs no second check
+                last = time.monotonic()
+                failing = self._check(failing)
+        finally:
+            if monitor is not None:
+                monitor.close()
+            for end in self._wake:
+                end.close()
+
+    def _open_monitor(self) -> Optional[ChangeMonitor]:
+        if self.watch is None:
+            return None
+        try:
+            return self.watch()
+        except OSError as exc:
+            log.warning("no kernel change notifications for %s (%s): checking every %.0f s",
+                        self.what, exc, self.interval)
+            return None
+
+    def _sleep(self, deadline: float, monitor: Optional[ChangeMonitor]) -> bool:
+        """Wait until `deadline` or, with a monitor, a change it reports; False when the
+        thread must end."""
+        fds = [self._wake[0]] + ([monitor] if monitor is not None else [])
+        while not self._halt.is_set() and not self._stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return True
+            ready, _, _ = select.select(fds, [], [], min(remaining, self._TICK))
+            if monitor is not None and monitor in ready and monitor.drain():
+                return True
+        return False
+
+    def _check(self, failing: bool) -> bool:
+        """One call of fix; whether it failed."""
+        self.checks += 1
+        try:
+            fixed = self.fix()
+        except BackendError as exc:
+            if not failing:
+                log.warning("cannot restore %s yet (will retry): %s", self.what, exc)
+            return True
+        if failing:
+            log.info("%s are restored", self.what)
+        elif fixed:
+            log.info("restored %d %s", fixed, self.what)
+        return False

@@ -6,8 +6,10 @@ lease as BackendData {"VtepMAC": ...}. Per peer, as later Go flanneld versions d
 permanent neighbour (peer .0 -> VtepMAC), a permanent forwarding entry (VtepMAC -> peer
 PublicIP) and a route to the peer subnet via its .0 onlink. With DirectRouting, a peer on our
 L2 segment gets a plain route via its PublicIP instead. Devices and entries outlive stop();
-a sync removes those of peers that are gone. A peer the kernel refused is tried again every
-RETRY_INTERVAL seconds by a named thread (lost entries of programmed peers are not restored).
+a sync removes those of peers that are gone. A named thread restores the entries of
+programmed peers that went missing or changed (someone deleted one; the kernel drops the
+routes when the device goes down), woken by the kernel's notifications (peers.Rechecker),
+and tries again every CHECK_INTERVAL seconds the peers the kernel refused.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from flannel.backend.peers import (
 )
 from flannel.dataplane import netlink
 from flannel.dataplane.kstate import KernelState, VxlanSpec
+from flannel.dataplane.nlevents import ChangeMonitor
 from flannel.errors import BackendError
 from flannel.subnet.config import NetworkConfig
 from flannel.subnet.models import Event, Lease, LeaseAttrs
@@ -35,7 +38,7 @@ log = logging.getLogger(__name__)
 DEFAULT_VNI = 1
 DEFAULT_PORT = 8472  # the Linux default; Go flanneld's Port 0 means this too
 VXLAN_OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
-RETRY_INTERVAL = 3.0  # seconds between attempts to program a peer the kernel refused
+CHECK_INTERVAL = 3.0  # seconds: at most one re-check this often, a refused peer retried so often
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 
@@ -67,8 +70,8 @@ class VxlanBackend(Backend):
         self._peers: dict = {}  # subnet -> _Peer, what we programmed
         self._failed: dict = {}  # subnet -> Lease the kernel refused, retried by _recheck
         self._lock = threading.Lock()
-        self._recheck = Rechecker(f"vxlan-retry-{self.spec.name}", "vxlan peer(s)",
-                                  self.retry_failed, RETRY_INTERVAL)
+        self._recheck = Rechecker(f"vxlan-check-{self.spec.name}", "vxlan peer entries",
+                                  self.recheck, CHECK_INTERVAL, self._monitor)
 
     @property
     def mtu(self) -> int:
@@ -118,13 +121,19 @@ class VxlanBackend(Backend):
         if errors:
             raise errors[0]
 
-    def retry_failed(self) -> int:
-        """Program again the peers the kernel refused (every RETRY_INTERVAL seconds, in the
-        re-check thread); returns how many succeeded now."""
+    def recheck(self) -> int:
+        """Restore the missing or changed entries of programmed peers and program again the
+        peers the kernel refused (every CHECK_INTERVAL seconds, in the re-check thread; one
+        dump); returns how many peers were repaired."""
         with self._lock:
-            if not self._failed:
+            if not self._peers and not self._failed:
                 return 0
             batch, done, errors = self._read_batch(), 0, []
+            for subnet, peer in list(self._peers.items()):
+                try:
+                    done += self._ensure_entries(subnet, peer, batch.state)
+                except BackendError as exc:
+                    errors.append(BackendError(f"failed to restore peer {subnet}: {exc}"))
             for subnet, lease in list(self._failed.items()):
                 try:
                     self._add_peer(lease, batch)
@@ -136,6 +145,12 @@ class VxlanBackend(Backend):
         if errors:
             raise errors[0]
         return done
+
+    def _monitor(self) -> ChangeMonitor:
+        """Notifications about our device (and, with DirectRouting, the external interface
+        carrying direct routes), for the re-check thread."""
+        links = {self.dev_index} | ({self.ext_iface.index} if self.direct_routing else set())
+        return ChangeMonitor(links, neighbour_links={self.dev_index})
 
     def stop(self) -> None:
         # only the thread ends: device and entries stay, so peers keep working across a restart
@@ -232,17 +247,21 @@ class VxlanBackend(Backend):
             elif old.mac != peer.mac:
                 # the neighbour and route are replaced below; the old MAC's entry is not
                 self._drop_fdb(subnet, old.mac, state)
-        gateway = subnet.network_address
-        if peer.direct:
-            changed = netlink.ensure_route(subnet, self.ext_iface.index, peer.public_ip, state=state)
-        else:
-            changed = netlink.ensure_neighbour(self.dev_index, gateway, peer.mac, state)
-            changed |= netlink.ensure_fdb(self.dev_index, peer.mac, peer.public_ip, state)
-            changed |= netlink.ensure_route(subnet, self.dev_index, gateway, onlink=True, state=state)
+        changed = self._ensure_entries(subnet, peer, state)
         self._peers[subnet] = peer
         if changed:
             log.info("peer %s at %s (VtepMAC %s%s)", subnet, peer.public_ip, peer.mac,
                      ", direct route" if peer.direct else "")
+
+    def _ensure_entries(self, subnet: IPv4Network, peer: _Peer, state: KernelState) -> bool:
+        """Make the peer's entries be there as they should; whether anything was changed."""
+        gateway = subnet.network_address
+        if peer.direct:
+            return netlink.ensure_route(subnet, self.ext_iface.index, peer.public_ip, state=state)
+        changed = netlink.ensure_neighbour(self.dev_index, gateway, peer.mac, state)
+        changed |= netlink.ensure_fdb(self.dev_index, peer.mac, peer.public_ip, state)
+        changed |= netlink.ensure_route(subnet, self.dev_index, gateway, onlink=True, state=state)
+        return changed
 
     def _remove_peer(self, subnet: IPv4Network, batch: "_Batch") -> None:
         peer = self._peers.pop(subnet, None)

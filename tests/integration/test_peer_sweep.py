@@ -129,10 +129,39 @@ def test_vxlan_peer_refused_by_the_kernel_is_retried(host):
         host.invoke("vxr", "apply", added(peer))
     assert "10.10.6.0/24" not in vxlan_state(ns, dev)[2]
     sh(ns, f"ip link set {dev} up")
-    deadline = time.monotonic() + 10  # RETRY_INTERVAL is 3 s
+    deadline = time.monotonic() + 10  # CHECK_INTERVAL is 3 s
     while "10.10.6.0/24" not in vxlan_state(ns, dev)[2] and time.monotonic() < deadline:
         time.sleep(0.2)
     neigh, fdb, dev_routes = vxlan_state(ns, dev)
     assert dev_routes.get("10.10.6.0/24") == ("10.10.6.0", dev), "the refused peer was not retried"
     assert neigh["10.10.6.0"] == MAC_B and (MAC_B, "192.168.77.6") in fdb
-    assert host.invoke("vxr", "retry_failed") == 0  # nothing left to retry
+    assert host.invoke("vxr", "recheck") == 0  # nothing left to retry or restore
+
+
+def test_vxlan_entries_that_go_missing_are_restored(host):
+    ns, dev = host.ns, "flannel.7"
+    own = lease(OWN, "192.168.77.1", "vxlan", "aa:aa:aa:aa:aa:aa")
+    peer = lease("10.10.8.0/24", "192.168.77.8", "vxlan", MAC_C)
+    restarted(host, "vxm", "flannel.backend.vxlan:VxlanBackend", "vxlan", own, VNI=7)
+    host.invoke("vxm", "apply", added(peer))
+    want = vxlan_state(ns, dev)
+    assert want[2]["10.10.8.0/24"] == ("10.10.8.0", dev) and want[0]["10.10.8.0"] == MAC_C
+
+    def restored():
+        deadline = time.monotonic() + 10  # CHECK_INTERVAL is 3 s
+        while vxlan_state(ns, dev) != want and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return vxlan_state(ns, dev)
+
+    # someone deletes every entry of the peer, or points the neighbour elsewhere
+    sh(ns, f"ip route del 10.10.8.0/24 dev {dev} && ip neigh del 10.10.8.0 dev {dev}"
+           f" && bridge fdb del {MAC_C} dev {dev} dst 192.168.77.8")
+    assert "10.10.8.0/24" not in vxlan_state(ns, dev)[2]
+    assert restored() == want, "deleted vxlan entries were not restored"
+    sh(ns, f"ip neigh replace 10.10.8.0 lladdr {MAC_X} dev {dev} nud permanent")
+    assert restored() == want, "a changed neighbour was not put back"
+    # the kernel drops the routes through a device that goes down
+    sh(ns, f"ip link set {dev} down && ip link set {dev} up")
+    assert "10.10.8.0/24" not in vxlan_state(ns, dev)[2]
+    assert restored() == want, "routes were not restored after the device went down and up"
+    assert host.invoke("vxm", "recheck") == 0  # all in place: nothing to do
