@@ -311,7 +311,9 @@ class NetworkLoop:
                 return renewed
             except NotFoundError:
                 return self._reclaim(lease.subnet)
-            except RegistryError as exc:
+            except LeaseTakenError:
+                raise
+            except (RegistryError, LeaseError) as exc:  # LeaseError: lost compare-and-swap races
                 if self.sleep(retry.failed(exc)):
                     return None
         return None
@@ -330,7 +332,9 @@ class NetworkLoop:
                     if holder.subnet == subnet and holder.attrs.public_ip != self.attrs.public_ip:
                         raise self._taken(subnet, f"host {holder.attrs.public_ip}")
                 lease = self.manager.acquire_lease(self.settings.network, self.attrs, prefer=subnet)
-            except RegistryError as exc:
+            except (RegistryError, NotFoundError, ConfigError) as exc:
+                # etcd trouble, or the config is missing or invalid for now (being rewritten):
+                # wait for it rather than give up the subnet
                 if self.sleep(retry.failed(exc)):
                     return None
                 continue

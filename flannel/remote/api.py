@@ -9,7 +9,6 @@ Go server ignores.
 
 from __future__ import annotations
 
-import json
 from ipaddress import IPv4Network
 from typing import Any, Optional, Tuple
 
@@ -28,7 +27,9 @@ from flannel.errors import (
 )
 from flannel.subnet import keys
 from flannel.subnet.config import NetworkConfig
-from flannel.subnet.models import DecodeError, Lease, LeaseAttrs, Reservation, WatchResult, dumps
+from flannel.subnet.models import (
+    DecodeError, Lease, LeaseAttrs, Reservation, WatchResult, dumps, loads,
+)
 
 API_ROOT = "/v1"
 DEFAULT_NETWORK = "_"
@@ -112,7 +113,7 @@ def _load(body: bytes | str, what: str) -> Any:
         except UnicodeDecodeError:
             raise RemoteError(f"{what}: body is not UTF-8") from None
     try:
-        return json.loads(body)
+        return loads(body)
     except ValueError as exc:
         raise RemoteError(f"{what}: invalid JSON: {exc}") from None
 

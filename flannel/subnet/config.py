@@ -6,12 +6,12 @@ everything else with a ConfigError that names the field and the rule it broke.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, Iterator, Optional
 
 from flannel.errors import ConfigError
+from flannel.subnet.models import loads
 
 # The backends this daemon implements; flannel.backend's registry is checked against it.
 BACKEND_TYPES = ("udp", "vxlan", "host-gw", "alloc")
@@ -95,7 +95,7 @@ class NetworkConfig:
 def _decode(text: Any) -> dict:
     if isinstance(text, (bytes, str)):
         try:
-            text = json.loads(text)
+            text = loads(text)
         except ValueError as exc:
             raise ConfigError(f"network config is not valid JSON: {exc}") from None
     if not isinstance(text, dict):

@@ -186,17 +186,19 @@ class EtcdRegistry:
         return self._written(result, subnet, value)
 
     def update_subnet(
-        self, network: str, subnet: IPv4Network, value: str, ttl: Optional[int], prev_value: str
+        self, network: str, subnet: IPv4Network, value: str, ttl: Optional[int], prev_index: int
     ) -> RawLease:
-        """Replace the value (and TTL; None: no TTL) only if it is still `prev_value`."""
+        """Replace the value (and TTL; None: no TTL) only if the key was not modified since
+        `prev_index` (its modifiedIndex when read): a TTL change counts, a value compare would
+        miss it."""
         key = keys.subnet_key(self.prefix, network, subnet)
-        result = self._request(f"update lease {key}", "write", key, value, ttl=ttl, prevValue=prev_value)
+        result = self._request(f"update lease {key}", "write", key, value, ttl=ttl, prevIndex=prev_index)
         return self._written(result, subnet, value)
 
-    def delete_subnet(self, network: str, subnet: IPv4Network, prev_value: Optional[str] = None) -> None:
-        """Delete the key (compare-and-delete when `prev_value` is given)."""
+    def delete_subnet(self, network: str, subnet: IPv4Network, prev_index: Optional[int] = None) -> None:
+        """Delete the key (compare-and-delete on its modifiedIndex when `prev_index` is given)."""
         key = keys.subnet_key(self.prefix, network, subnet)
-        extra = {"prevValue": prev_value} if prev_value is not None else {}
+        extra = {"prevIndex": prev_index} if prev_index is not None else {}
         self._request(f"delete lease {key}", "delete", key, **extra)
 
     def _written(self, result, subnet: IPv4Network, value: str) -> RawLease:

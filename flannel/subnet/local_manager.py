@@ -2,8 +2,8 @@
 
 Acquire: reuse the lease whose PublicIP is ours if the config still allows it (else delete
 it), then the preferred subnet, then a random one among the first free ones; every write is
-a compare-and-swap and a lost race is retried. Renew: compare-and-swap on the current value,
-rewriting it byte-for-byte unless the attributes changed on purpose; reservations (keys
+a compare-and-swap (on the key's modifiedIndex, so that a TTL change counts too) and a lost
+race is retried. Renew: compare-and-swap on what was read, rewriting the value byte-for-byte unless the attributes changed on purpose; reservations (keys
 without TTL) never get one. Watches turn etcd indexes into opaque cursors.
 """
 
@@ -111,7 +111,7 @@ class LocalManager(SubnetManager):
                     "deleting lease %s of %s: it does not fit the network config any more",
                     raw.lease.subnet, attrs.public_ip,
                 )
-                self.registry.delete_subnet(network, raw.lease.subnet, prev_value=raw.value)
+                self.registry.delete_subnet(network, raw.lease.subnet, prev_index=raw.modified_index)
             return self._allocate(network, config, attrs, prefer, [r.lease.subnet for r in raws])
         except (CompareFailed, NotFoundError) as exc:
             log.debug("compare-and-swap lost: %s", exc)
@@ -120,7 +120,7 @@ class LocalManager(SubnetManager):
     def _reuse(self, network: str, raw: RawLease, attrs: LeaseAttrs) -> Lease:
         ttl = None if raw.lease.is_reservation else self.ttl
         written = self.registry.update_subnet(
-            network, raw.lease.subnet, _value_for(raw, attrs), ttl, prev_value=raw.value
+            network, raw.lease.subnet, _value_for(raw, attrs), ttl, prev_index=raw.modified_index
         )
         kind = "reservation" if ttl is None else "lease"
         log.info("reusing %s %s of network %s", kind, raw.lease.subnet, _net_name(network))
@@ -146,7 +146,7 @@ class LocalManager(SubnetManager):
             ttl = None if raw.lease.is_reservation else self.ttl
             try:
                 written = self.registry.update_subnet(
-                    network, lease.subnet, _value_for(raw, lease.attrs), ttl, prev_value=raw.value
+                    network, lease.subnet, _value_for(raw, lease.attrs), ttl, prev_index=raw.modified_index
                 )
             except CompareFailed as exc:
                 log.debug("renewal of %s raced with another write: %s", lease.subnet, exc)
@@ -179,7 +179,7 @@ class LocalManager(SubnetManager):
         for _ in range(RENEW_TRIES):
             raw = self._read_own(network, Lease(subnet, LeaseAttrs(holder)))
             try:
-                self.registry.delete_subnet(network, subnet, prev_value=raw.value)
+                self.registry.delete_subnet(network, subnet, prev_index=raw.modified_index)
                 return
             except CompareFailed as exc:
                 log.debug("revocation of %s raced with another write: %s", subnet, exc)
@@ -205,7 +205,7 @@ class LocalManager(SubnetManager):
         raw = self.registry.get_subnet(network, subnet)
         if raw.lease.attrs.public_ip != reservation.public_ip:
             raise LeaseError(f"reservation {subnet}: the subnet is held by {raw.lease.attrs.public_ip}")
-        self.registry.update_subnet(network, subnet, raw.value, None, prev_value=raw.value)
+        self.registry.update_subnet(network, subnet, raw.value, None, prev_index=raw.modified_index)
 
     def remove_reservation(
         self, network: str, subnet: IPv4Network, holder: Optional[IPv4Address] = None
@@ -221,7 +221,7 @@ class LocalManager(SubnetManager):
                 f"the reservation of {subnet} in network {_net_name(network)} is now "
                 f"{raw.lease.attrs.public_ip}'s, not {holder}'s"
             )
-        self.registry.delete_subnet(network, subnet, prev_value=raw.value)
+        self.registry.delete_subnet(network, subnet, prev_index=raw.modified_index)
 
     def list_reservations(self, network: str) -> List[Reservation]:
         raws, _ = self.registry.get_subnets(network)

@@ -80,8 +80,35 @@ def parse_ip(text: Any, what: str = "PublicIP") -> IPv4Address:
 
 
 def dumps(obj: Any) -> str:
-    """Compact JSON as Go's encoding/json writes it (no spaces, no ASCII escaping of '<>&' needed)."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    """Compact JSON as Go's encoding/json writes it (no spaces, no ASCII escaping of '<>&' needed).
+    NaN and infinities are refused (ValueError): Go could not read them back."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
+def _integer(text: str) -> int:
+    value = int(text)
+    try:
+        float(value)
+    except OverflowError:
+        raise ValueError(f"number {text[:20]}... is out of range") from None
+    return value
+
+
+def loads(text: str | bytes) -> Any:
+    """JSON as Go's encoding/json accepts it: no NaN or Infinity, no number beyond a float64
+    (Python's json takes them, and they would reach etcd and Go peers)."""
+    return json.loads(text, parse_constant=_no_constant, parse_float=_finite, parse_int=_integer)
 
 
 def _fold(doc: dict) -> dict:
@@ -292,6 +319,6 @@ def _loads(text: Any, what: str) -> Any:
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
     try:
-        return json.loads(text)
+        return loads(text)
     except (TypeError, ValueError) as exc:
         raise DecodeError(f"{what}: invalid JSON: {exc}") from None

@@ -169,6 +169,29 @@ def test_reservations(etcd, prefix):
         mgr.remove_reservation("", pinned)
 
 
+def test_a_reservation_made_during_a_renewal_keeps_no_ttl(etcd, prefix):
+    """The admin pins our lease between the renewal's read and its write: the value is the
+    same, only the TTL went; the renewal must not put it back."""
+    put_config(etcd, prefix)
+    mgr = manager(etcd, prefix)
+    lease = mgr.acquire_lease("", attrs(1))
+    read = mgr.registry.get_subnet
+    pinned = []
+
+    def read_then_pin(network, subnet):
+        raw = read(network, subnet)
+        if not pinned:
+            manager(etcd, prefix).add_reservation("", Reservation(subnet, IPv4Address("192.168.77.1")))
+            pinned.append(subnet)
+        return raw
+
+    mgr.registry.get_subnet = read_then_pin
+    renewed = mgr.renew_lease("", lease)
+    assert pinned and node(etcd, prefix, lease.subnet).ttl is None
+    assert renewed.expiration is None
+    assert [r.subnet for r in mgr.list_reservations("")] == [lease.subnet]
+
+
 def test_revoke_for_a_holder_is_a_compare_and_delete(etcd, prefix):
     put_config(etcd, prefix)
     mgr = manager(etcd, prefix)

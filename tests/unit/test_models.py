@@ -62,6 +62,11 @@ def test_decoding_tolerates_case_and_unknown_fields():
         ('{"PublicIP":"10.0.0.1","BackendType":3}', "BackendType: expected a string"),
         ("[1]", "expected a JSON object"),
         ("not json", "invalid JSON"),
+        # Python's json takes these; Go's cannot read them back
+        ('{"PublicIP":"10.0.0.1","BackendData":{"x":NaN}}', "NaN is not JSON"),
+        ('{"PublicIP":"10.0.0.1","BackendData":{"x":-Infinity}}', "Infinity is not JSON"),
+        ('{"PublicIP":"10.0.0.1","BackendData":{"x":1e999}}', "out of range"),
+        ('{"PublicIP":"10.0.0.1","BackendData":{"x":1' + "0" * 400 + "}}", "out of range"),
     ],
 )
 def test_bad_lease_values_are_refused(text, message):

@@ -15,7 +15,7 @@ import pytest
 import flannel.backend
 from flannel.backend.alloc import AllocBackend
 from flannel.backend.base import ExternalInterface
-from flannel.errors import BackendError, ConfigError, LeaseTakenError, NotFoundError, RegistryError
+from flannel.errors import BackendError, ConfigError, LeaseError, LeaseTakenError, NotFoundError, RegistryError
 from flannel.network.loop import LoopSettings, NetworkLoop
 from flannel.network.multi import Supervisor
 from flannel.network.subnet_env import SubnetEnv, parse_subnet_env, write_subnet_env
@@ -284,6 +284,55 @@ def test_lost_lease_that_is_still_free_is_reclaimed(tmp_path, stop):
     assert not events.fatal
     assert ("acquire", "", subnet) in manager.calls, "re-acquired with the lost subnet preferred"
     assert ("", subnet) in manager.leases
+
+
+def test_lost_lease_while_the_config_is_gone_waits_for_the_config(tmp_path, stop):
+    """etcdctl rm -r <prefix>, then the config written again: the lease and the config
+    vanish together; we wait for the config instead of exiting, and get our subnet back."""
+    clock = FakeClock(stop)
+    manager = FakeManager(clock)
+    manager.configs[""] = CONFIG
+    loop, events = make_loop(tmp_path, manager, stop, clock=clock)
+    state = {"renewals": 0, "config_reads": 0}
+
+    def wipe_prefix():
+        state["renewals"] += 1
+        if state["renewals"] == 1:
+            manager.leases.clear()
+            del manager.configs[""]
+        else:
+            stop.set()
+
+    def config_back_later(original=manager.get_network_config):
+        def get(network):
+            state["config_reads"] += 1
+            if state["config_reads"] == 4:  # a few failed reads, then the admin is done
+                manager.configs[""] = '{"Network": "10.10.0.0/16", "Backend": '
+            if state["config_reads"] == 6:
+                manager.configs[""] = CONFIG
+            return original(network)
+        return get
+
+    manager.on_renew = wipe_prefix
+    manager.get_network_config = config_back_later()
+    loop.run()
+    subnet = events.ready[0].subnet
+    assert not events.fatal, events.fatal
+    assert ("", subnet) in manager.leases and state["renewals"] == 2
+    assert state["config_reads"] >= 6  # missing, then invalid, then good
+
+
+def test_renewal_that_keeps_losing_races_is_retried(tmp_path, stop):
+    clock = FakeClock(stop)
+    manager = FakeManager(clock)
+    manager.configs[""] = CONFIG
+    manager.fail["renew"] = [LeaseError("failed to renew lease: the key kept changing under us")]
+    renewed = []
+    manager.on_renew = lambda: renewed.append(clock.now) or (len(renewed) == 2 and stop.set())
+    loop, events = make_loop(tmp_path, manager, stop, clock=clock)
+    loop.run()
+    assert not events.fatal and len(renewed) == 2
+    assert loop.lease.expiration.timestamp() == pytest.approx(renewed[-1] + DAY)
 
 
 def test_lost_lease_held_by_another_host_is_fatal(tmp_path, stop):

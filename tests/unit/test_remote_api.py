@@ -276,6 +276,9 @@ def test_routes_round_trip(app):
 
 @pytest.mark.parametrize("method,url,body,status,text", [
     ("post", "/v1/_/leases", "{not json", 400, "invalid JSON"),
+    ("post", "/v1/_/leases", '{"PublicIP":"192.168.77.9","BackendData":{"x":NaN}}', 400, "NaN is not JSON"),
+    ("post", "/v1/_/reservations", '{"Subnet":"10.5.9.0/24","PublicIP":"192.168.77.9","x":Infinity}', 400,
+     "Infinity is not JSON"),
     ("post", "/v1/_/leases", '{"BackendType":"udp"}', 400, "PublicIP is missing"),
     ("put", "/v1/_/leases/10.5.7.1-24", "{}", 400, "invalid subnet"),
     ("put", "/v1/_/leases/10.5.8.0-24", _lease(7).to_json(), 400, "URL names"),
