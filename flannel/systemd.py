@@ -72,6 +72,13 @@ def listening_socket(fd: int | None = None) -> socket.socket:
     if sock.type != socket.SOCK_STREAM or not listening:
         sock.detach()
         raise OptionsError(f"--listen=fd://{fd}: descriptor {fd} is not a listening TCP socket")
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        family = getattr(sock.family, "name", str(sock.family))
+        sock.detach()
+        raise OptionsError(
+            f"--listen=fd://{fd}: descriptor {fd} is a listening {family} socket, not TCP "
+            "(ListenStream= in the .socket unit must be a port or an address:port)"
+        )
     os.set_inheritable(fd, False)
     for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
         os.environ.pop(name, None)

@@ -80,7 +80,7 @@ def split_batch(
 
 def _unusable(lease: Lease, backend_type: str, own_ip: Optional[IPv4Address]) -> Optional[str]:
     """Why this data path cannot use a peer's lease, or None when it can."""
-    if lease.attrs.backend_type != backend_type:
+    if (lease.attrs.backend_type or "udp") != backend_type:  # Go's udp leases carry no BackendType
         return f"its BackendType is {lease.attrs.backend_type!r}, not {backend_type!r}"
     if own_ip is not None and lease.attrs.public_ip == own_ip:
         return f"it has our own public IP {own_ip}"

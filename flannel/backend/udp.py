@@ -16,11 +16,12 @@ from ipaddress import IPv4Interface
 from typing import Iterable, Optional
 
 from flannel.backend.base import Backend, ExternalInterface
+from flannel.backend.peers import split_batch
 from flannel.dataplane.proxy import DEFAULT_BATCH, Proxy
 from flannel.dataplane.tun import Tun, configure_tun, open_tun
 from flannel.errors import BackendError, ConfigError
 from flannel.subnet.config import NetworkConfig
-from flannel.subnet.models import ADDED, REMOVED, Event, Lease
+from flannel.subnet.models import Event, Lease
 
 log = logging.getLogger(__name__)
 
@@ -85,19 +86,17 @@ class UdpBackend(Backend):
     def apply(self, events: Iterable[Event]) -> None:
         if self._proxy is None:
             raise BackendError("udp backend: apply() before start()")
-        for event in events:
-            lease = event.lease
-            if lease is None or (self.lease is not None and lease.subnet == self.lease.subnet):
-                continue  # never route our own subnet into the overlay
-            if event.type == ADDED:
-                if lease.attrs.backend_type not in ("", "udp"):
-                    log.warning("ignoring %s lease %s in a udp network",
-                                lease.attrs.backend_type, lease.subnet)
-                    continue
-                self._proxy.set_route(lease.subnet, lease.attrs.public_ip, self.port)
-                log.info("udp route %s -> %s:%d", lease.subnet, lease.attrs.public_ip, self.port)
-            elif event.type == REMOVED and self._proxy.del_route(lease.subnet):
-                log.info("udp route %s removed", lease.subnet)
+        # as the kernel backends: never our own subnet, nor a lease with our own public IP
+        # (a route to ourselves would loop); a peer that turned to another backend type
+        # loses its route, so that its packets get ICMP unreachable instead of a black hole
+        own = self.lease.subnet if self.lease else None
+        removed, added = split_batch(events, own, self.type_name, self.ext_iface.ext_addr)
+        for subnet in removed:
+            if self._proxy.del_route(subnet):
+                log.info("udp route %s removed", subnet)
+        for lease in added:
+            self._proxy.set_route(lease.subnet, lease.attrs.public_ip, self.port)
+            log.info("udp route %s -> %s:%d", lease.subnet, lease.attrs.public_ip, self.port)
 
     def counters(self) -> dict:
         """The proxy's packet and drop counters (empty before start)."""

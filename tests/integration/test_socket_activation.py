@@ -112,6 +112,7 @@ def wait_serving(client, proc, timeout=30.0):
     ("fd://", False, "LISTEN_FDS"),  # not socket-activated at all
     ("fd://3", "file", "not a socket"),
     ("fd://3", "udp", "not a listening TCP socket"),
+    ("fd://3", "unix", "is a listening AF_UNIX socket, not TCP"),
 ])
 def test_a_wrong_descriptor_is_a_clear_error(etcd, prefix, tmp_path, listen, passed, text):
     put_config(etcd, prefix)
@@ -120,6 +121,10 @@ def test_a_wrong_descriptor_is_a_clear_error(etcd, prefix, tmp_path, listen, pas
         holder = open(tmp_path / "plain-file", "w")
     elif passed == "udp":
         holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    elif passed == "unix":
+        holder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        holder.bind(str(tmp_path / "api.sock"))
+        holder.listen()
     proc = flanneld(etcd, prefix, listen, holder, target=3)
     if holder is not None:
         holder.close()

@@ -77,6 +77,20 @@ def test_apply_maps_events_to_routes_and_skips_our_own_subnet():
     assert proxy.routes[IPv4Network("10.10.3.0/24")] == (IPv4Address("192.168.77.9"), 8300)
 
 
+def test_apply_skips_our_public_ip_and_drops_peers_that_change_backend():
+    backend = UdpBackend(EXT, _config())
+    backend.lease = _lease("10.10.1.0/24", "192.168.77.1")
+    backend._proxy = proxy = RecordingProxy()
+    backend.apply([
+        Event(ADDED, _lease("10.10.9.0/24", "192.168.77.1")),  # another lease of ours: would loop
+        Event(ADDED, _lease("10.10.2.0/24", "192.168.77.2")),
+    ])
+    assert list(proxy.routes) == [IPv4Network("10.10.2.0/24")]
+    # the peer restarts with the vxlan backend: its udp route goes (ICMP unreachable, not a black hole)
+    backend.apply([Event(ADDED, _lease("10.10.2.0/24", "192.168.77.2", "vxlan"))])
+    assert proxy.routes == {}
+
+
 def test_apply_before_start_is_an_error():
     with pytest.raises(BackendError, match="before start"):
         UdpBackend(EXT, _config()).apply([])
