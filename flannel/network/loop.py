@@ -266,8 +266,10 @@ class NetworkLoop:
             try:
                 result = self.manager.watch_lease(self.settings.network, subnet, cursor,
                                                   self.settings.watch_timeout)
-            except RegistryError as exc:
-                # not self.sleep: that would swallow a wake-up meant for the renew loop
+            except FlannelError as exc:
+                # any refusal is transient here (a server that answers 404 or 500 while the
+                # config is rewritten, an unreachable store): the renew loop decides what a
+                # lost lease means. Not self.sleep: that would swallow a wake-up meant for it
                 if self.stop.wait(retry.failed(exc)):
                     return
                 continue

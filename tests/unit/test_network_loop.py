@@ -15,7 +15,9 @@ import pytest
 import flannel.backend
 from flannel.backend.alloc import AllocBackend
 from flannel.backend.base import ExternalInterface
-from flannel.errors import BackendError, ConfigError, LeaseError, LeaseTakenError, NotFoundError, RegistryError
+from flannel.errors import (
+    BackendError, ConfigError, LeaseError, LeaseTakenError, NotFoundError, RegistryError, RemoteError,
+)
 from flannel.network.loop import LoopSettings, NetworkLoop
 from flannel.network.multi import Supervisor
 from flannel.network.subnet_env import SubnetEnv, parse_subnet_env, write_subnet_env
@@ -53,7 +55,7 @@ class FakeManager(SubnetManager):
         self.clock = clock
         self.configs = {}
         self.leases = {}  # (network, subnet) -> Lease
-        self.fail = {"config": [], "acquire": [], "renew": []}  # queued exceptions
+        self.fail = {"config": [], "acquire": [], "renew": [], "watch": []}  # queued exceptions
         self.calls = []
         self.lease_events = []  # events for watch_lease with a cursor
         self.networks_results = []
@@ -108,6 +110,7 @@ class FakeManager(SubnetManager):
         if cursor is None:
             lease = self.leases.get((network, subnet))
             return WatchResult(snapshot=(lease,) if lease else (), cursor="1")
+        self._maybe_fail("watch")
         if self.lease_events:
             return WatchResult(events=(self.lease_events.pop(0),), cursor=str(int(cursor) + 1))
         time.sleep(0.01)
@@ -377,6 +380,30 @@ def test_lease_deleted_behind_our_back_is_reclaimed_at_once(tmp_path, stop):
     manager.lease_events.append(Event.removed(subnet))
     assert wait_for(lambda: ("", subnet) in manager.leases)
     assert ("acquire", "", subnet) in manager.calls
+    stop.set()
+    thread.join(5)
+    assert not thread.is_alive() and not events.fatal
+
+
+@pytest.mark.parametrize("refusal", [
+    NotFoundError("no config for network '' (404)"),  # a server that lost the config meanwhile
+    ConfigError("Network is missing"),                 # a server whose config is being rewritten
+    RemoteError("the server answered 400"),
+    RegistryError("server unreachable"),
+])
+def test_own_lease_watch_rides_out_any_refusal(tmp_path, stop, refusal):
+    """A refused own-lease watch is retried, never fatal; it still wakes the renew loop after."""
+    manager = FakeManager()
+    manager.configs[""] = CONFIG
+    manager.fail["watch"] = [refusal]
+    loop, events = make_loop(tmp_path, manager, stop)
+    thread = run_thread(loop)
+    assert wait_for(lambda: events.ready)
+    assert wait_for(lambda: not manager.fail["watch"])
+    subnet = events.ready[0].subnet
+    manager.leases.clear()
+    manager.lease_events.append(Event.removed(subnet))
+    assert wait_for(lambda: ("", subnet) in manager.leases)
     stop.set()
     thread.join(5)
     assert not thread.is_alive() and not events.fatal
