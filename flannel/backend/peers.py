@@ -217,6 +217,10 @@ class Rechecker:
             if not failing:
                 log.warning("cannot restore %s yet (will retry): %s", self.what, exc)
             return True
+        except Exception:  # a bug must not end restoration for good: say so, keep trying
+            if not failing:
+                log.exception("restoring %s failed (will retry)", self.what)
+            return True
         if failing:
             log.info("%s are restored", self.what)
         elif fixed:

@@ -7,11 +7,12 @@ safe. Failures are raised as BackendError naming the object and the operation.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import socket
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, ip_address
-from typing import Optional
+from typing import Iterator, Optional
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -32,8 +33,23 @@ NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
 
 
-def _ipr() -> IPRoute:
-    return IPRoute()
+@contextlib.contextmanager
+def _ipr() -> Iterator[IPRoute]:
+    """One netlink session. Whatever escapes it unconverted (a dump refused, ENOBUFS on a
+    large table, no socket to be had) becomes a BackendError, so that callers that retry
+    or log a backend failure never die of a raw pyroute2 or OS error."""
+    try:
+        ipr = IPRoute()
+    except OSError as exc:
+        raise BackendError(f"failed to open a netlink socket: {exc}") from exc
+    try:
+        yield ipr
+    except NetlinkError as exc:
+        raise netlink_error("read kernel state over netlink", exc) from exc
+    except OSError as exc:
+        raise BackendError(f"failed to read kernel state over netlink: {exc}") from exc
+    finally:
+        ipr.close()
 
 
 # ---------------------------------------------------------------------------
