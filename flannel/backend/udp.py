@@ -84,7 +84,8 @@ class UdpBackend(Backend):
         return sock
 
     def apply(self, events: Iterable[Event]) -> None:
-        if self._proxy is None:
+        proxy = self._proxy  # once: stop() may clear it meanwhile (the proxy then refuses)
+        if proxy is None:
             raise BackendError("udp backend: apply() before start()")
         # as the kernel backends: never our own subnet, nor a lease with our own public IP
         # (a route to ourselves would loop); a peer that turned to another backend type
@@ -92,15 +93,16 @@ class UdpBackend(Backend):
         own = self.lease.subnet if self.lease else None
         removed, added = split_batch(events, own, self.type_name, self.ext_iface.ext_addr)
         for subnet in removed:
-            if self._proxy.del_route(subnet):
+            if proxy.del_route(subnet):
                 log.info("udp route %s removed", subnet)
         for lease in added:
-            self._proxy.set_route(lease.subnet, lease.attrs.public_ip, self.port)
+            proxy.set_route(lease.subnet, lease.attrs.public_ip, self.port)
             log.info("udp route %s -> %s:%d", lease.subnet, lease.attrs.public_ip, self.port)
 
     def counters(self) -> dict:
         """The proxy's packet and drop counters (empty before start)."""
-        return self._proxy.counters() if self._proxy is not None else {}
+        proxy = self._proxy
+        return proxy.counters() if proxy is not None else {}
 
     def stop(self) -> None:
         self._release()

@@ -8,6 +8,7 @@ Every C error becomes a BackendError naming the operation.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -65,34 +66,41 @@ class Proxy:
         self._thread: Optional[threading.Thread] = None
         self._watcher: Optional[threading.Thread] = None
         self.error: Optional[BackendError] = None
-        self._lock = threading.Lock()  # keeps stop() from racing close()'s free
+        # guards `_p`: close() frees the C state only once no call is in flight (a route
+        # change blocks in C, without the GIL, until the loop has applied it)
+        self._lock = threading.Condition()
+        self._calls = 0
+        self._closing = False  # set by close(): no new call may start
 
     # -- routes ---------------------------------------------------------------
 
     def set_route(self, subnet: IPv4Network, peer_ip: IPv4Address, peer_port: int) -> None:
         """Send packets for `subnet` to peer_ip:peer_port (replaces an existing route)."""
-        _check(
-            f"set the udp route {subnet} -> {peer_ip}:{peer_port}",
-            lib.proxy_set_route(self._handle(), int(subnet.network_address), subnet.prefixlen,
-                                int(peer_ip), peer_port),
-        )
+        with self._handle() as p:
+            rc = lib.proxy_set_route(p, int(subnet.network_address), subnet.prefixlen,
+                                     int(peer_ip), peer_port)
+        _check(f"set the udp route {subnet} -> {peer_ip}:{peer_port}", rc)
 
     def del_route(self, subnet: IPv4Network) -> bool:
         """Remove the route for `subnet`; True if there was one."""
-        rc = lib.proxy_del_route(self._handle(), int(subnet.network_address), subnet.prefixlen)
+        with self._handle() as p:
+            rc = lib.proxy_del_route(p, int(subnet.network_address), subnet.prefixlen)
         return bool(_check(f"delete the udp route {subnet}", rc))
 
     def lookup(self, addr: IPv4Address) -> Optional[tuple]:
         """(peer_ip, peer_port) for `addr` by longest prefix, None without a route.
         Only while the loop is not running (a test and debugging aid)."""
         ip, port = ffi.new("uint32_t *"), ffi.new("uint16_t *")
-        found = _check(f"look up {addr}", lib.proxy_lookup(self._handle(), int(addr), ip, port))
+        with self._handle() as p:
+            rc = lib.proxy_lookup(p, int(addr), ip, port)
+        found = _check(f"look up {addr}", rc)
         return (IPv4Address(ip[0]), port[0]) if found else None
 
     def counters(self) -> dict:
         """A snapshot of the packet, byte and drop counters by name."""
         out = ffi.new("struct proxy_counters *")
-        lib.proxy_counters(self._handle(), out)
+        with self._handle() as p:
+            lib.proxy_counters(p, out)
         return {name: getattr(out, name) for name in COUNTER_NAMES}
 
     # -- life cycle -------------------------------------------------------------
@@ -143,18 +151,34 @@ class Proxy:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5.0) -> None:
         """Stop the loop and free the C state; the fds are left to their owner."""
         self.stop()
         with self._lock:
-            if self._p is not None:
-                lib.proxy_free(self._p)
-                self._p = None
+            if self._p is None:
+                return
+            self._closing = True
+            # the stopped loop has released every route change that waited for it
+            if not self._lock.wait_for(lambda: self._calls == 0, timeout):
+                self._p = None  # leaked, never freed under a caller
+                raise BackendError(f"udp proxy calls still running {timeout:g}s after the stop")
+            lib.proxy_free(self._p)
+            self._p = None
 
+    @contextlib.contextmanager
     def _handle(self):
-        if self._p is None:
-            raise BackendError("the udp proxy is closed")
-        return self._p
+        """The C state for one call; close() waits for the call to return before freeing."""
+        with self._lock:
+            if self._p is None or self._closing:
+                raise BackendError("the udp proxy is closed")
+            self._calls += 1
+            handle = self._p
+        try:
+            yield handle
+        finally:
+            with self._lock:
+                self._calls -= 1
+                self._lock.notify_all()
 
     def __enter__(self) -> "Proxy":
         return self

@@ -261,6 +261,37 @@ def test_stop_from_another_thread_is_prompt_and_sticky():
         rig.close()
 
 
+def test_close_waits_for_route_changes_in_flight():
+    """A peer watcher may be changing routes while the backend stops: close() frees the C
+    state only after those calls returned; later calls are refused, none crashes."""
+    rig = Rig(batch=8)
+    outcomes = []
+
+    def churn(offset):
+        try:
+            for i in range(1_000_000):
+                subnet = IPv4Network(((10 << 24) | (20 << 16) | ((offset + i) % 250 << 8), 24))
+                rig.proxy.set_route(subnet, IPv4Address("127.0.0.1"), 8285)
+                rig.proxy.del_route(subnet)
+                rig.proxy.counters()
+            outcomes.append("never refused")
+        except BackendError as exc:
+            outcomes.append(str(exc))
+        except Exception as exc:  # anything else is the bug this test is about
+            outcomes.append(repr(exc))
+
+    threads = [threading.Thread(target=churn, args=(n * 100,), name=f"churn-{n}") for n in range(3)]
+    try:
+        for thread in threads:
+            thread.start()
+        time.sleep(0.3)
+    finally:
+        rig.close()
+    for thread in threads:
+        thread.join(10)
+    assert outcomes == ["the udp proxy is closed"] * 3
+
+
 def test_stop_event_ends_the_loop_and_a_dead_tun_sets_it():
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)  # hangs up when b closes
     udp = udp_socket()
