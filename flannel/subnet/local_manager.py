@@ -1,7 +1,8 @@
 """LocalManager: the lease policy of flanneld on top of etcd (Go flannel's local_manager).
 
 Acquire: reuse the lease whose PublicIP is ours if the config still allows it (else delete
-it), then the preferred subnet, then a random one among the first free ones; every write is
+it), then the preferred subnet, then a random one among the first free ones (free: it
+overlaps no lease or reservation, whatever their prefix length); every write is
 a compare-and-swap (on the key's modifiedIndex, so that a TTL change counts too) and a lost
 race is retried. Renew: compare-and-swap on what was read, rewriting the value byte-for-byte unless the attributes changed on purpose; reservations (keys
 without TTL) never get one. Watches turn etcd indexes into opaque cursors.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
+from bisect import bisect_right
 from ipaddress import IPv4Address, IPv4Network
 from typing import Iterable, List, Optional
 
@@ -27,21 +29,67 @@ RENEW_TRIES = 5
 FREE_CHOICES = 100
 
 
+class TakenSubnets:
+    """The subnets held by leases and reservations, asked whether a candidate of SubnetLen
+    overlaps any of them (Go skips every candidate that does, whatever the lease's length).
+
+    A lease of SubnetLen or longer lies inside exactly one candidate, so a set of those
+    candidates answers for it in one lookup. A shorter lease (left from an earlier, smaller
+    SubnetLen, or a host with another config) covers whole candidates: those are rare, kept
+    as merged address ranges and searched by bisection.
+    """
+
+    def __init__(self, subnet_len: int, subnets: Iterable[IPv4Network]):
+        align = ~((1 << (32 - subnet_len)) - 1)
+        self._blocked: set = set()  # first addresses of the candidates that hold a lease
+        wide: List[tuple] = []
+        for subnet in subnets:
+            first = int(subnet.network_address)
+            if subnet.prefixlen >= subnet_len:
+                self._blocked.add(first & align)
+            else:
+                wide.append((first, int(subnet.broadcast_address)))
+        self._firsts, self._lasts = _merge_ranges(wide)
+
+    def overlaps(self, candidate: IPv4Network) -> bool:
+        """`candidate` must be SubnetLen long and aligned (as every candidate is)."""
+        first = int(candidate.network_address)
+        if first in self._blocked:
+            return True
+        # an aligned candidate is either inside a shorter lease or apart from it
+        i = bisect_right(self._firsts, first) - 1
+        return i >= 0 and self._lasts[i] >= first
+
+
+def _merge_ranges(ranges: List[tuple]) -> tuple:
+    """Address ranges -> (firsts, lasts) of disjoint ranges in order: nested leases merged,
+    so that the range just before an address is the only one that can contain it."""
+    firsts: List[int] = []
+    lasts: List[int] = []
+    for first, last in sorted(ranges):
+        if lasts and first <= lasts[-1]:
+            lasts[-1] = max(lasts[-1], last)
+        else:
+            firsts.append(first)
+            lasts.append(last)
+    return firsts, lasts
+
+
 def choose_subnet(
     config: NetworkConfig,
     taken: Iterable[IPv4Network],
     prefer: Optional[IPv4Network] = None,
     rng: random.Random = random._inst,  # type: ignore[attr-defined]
 ) -> Optional[IPv4Network]:
-    """`prefer` if it is in range and free, else a random pick among the first FREE_CHOICES
-    free subnets of [SubnetMin, SubnetMax] (random, so that hosts starting together rarely
-    race for the same key); None when every subnet is taken."""
-    taken = set(taken)
-    if prefer is not None and config.in_range(prefer) and prefer not in taken:
+    """`prefer` if it is in range and overlaps no taken subnet, else a random pick among the
+    first FREE_CHOICES such subnets of [SubnetMin, SubnetMax] (random, so that hosts starting
+    together rarely race for the same key); None when every subnet is taken."""
+    used = TakenSubnets(config.subnet_len, taken)
+    if prefer is not None and config.in_range(prefer) and not used.overlaps(prefer):
         return prefer
     free: List[IPv4Network] = []
     for subnet in config.subnets():
-        if subnet not in taken:
+        if not used.overlaps(subnet):
             free.append(subnet)
             if len(free) == FREE_CHOICES:
                 break
@@ -103,6 +151,7 @@ class LocalManager(SubnetManager):
             (r for r in raws if r.lease.attrs.public_ip == attrs.public_ip),
             key=lambda r: (not r.lease.is_reservation, r.lease.subnet != prefer),
         )
+        deleted = set()
         try:
             for raw in own:
                 if config.in_range(raw.lease.subnet):
@@ -112,7 +161,10 @@ class LocalManager(SubnetManager):
                     raw.lease.subnet, attrs.public_ip,
                 )
                 self.registry.delete_subnet(network, raw.lease.subnet, prev_index=raw.modified_index)
-            return self._allocate(network, config, attrs, prefer, [r.lease.subnet for r in raws])
+                deleted.add(raw.lease.subnet)
+            # a lease just deleted must not block the candidates it overlaps
+            taken = [r.lease.subnet for r in raws if r.lease.subnet not in deleted]
+            return self._allocate(network, config, attrs, prefer, taken)
         except (CompareFailed, NotFoundError) as exc:
             log.debug("compare-and-swap lost: %s", exc)
             return None

@@ -109,6 +109,28 @@ def test_incompatible_lease_is_deleted_and_replaced(etcd, prefix):
         node(etcd, prefix, old.subnet)
 
 
+def test_leases_of_other_lengths_block_the_subnets_they_overlap(etcd, prefix):
+    """A /25 and a /23 that a Go host wrote (another SubnetLen, or one left from an earlier
+    config) block every /24 they overlap, also as `prefer`."""
+    put_config(etcd, prefix, {"Network": "10.10.0.0/16", "SubnetMin": "10.10.1.0", "SubnetMax": "10.10.4.0"})
+    etcd.client().write(prefix + "/subnets/10.10.1.128-25", '{"PublicIP":"192.168.77.8"}', ttl=600)
+    etcd.client().write(prefix + "/subnets/10.10.2.0-23", '{"PublicIP":"192.168.77.9"}', ttl=600)
+    mgr = manager(etcd, prefix)
+    lease = mgr.acquire_lease("", attrs(1), prefer=IPv4Network("10.10.1.0/24"))
+    assert lease.subnet == IPv4Network("10.10.4.0/24")
+    with pytest.raises(LeaseError, match="out of subnets"):
+        mgr.acquire_lease("", attrs(2), prefer=IPv4Network("10.10.3.0/24"))
+
+
+def test_our_deleted_old_lease_does_not_block_the_subnet_around_it(etcd, prefix):
+    put_config(etcd, prefix, {"Network": "10.10.0.0/16", "SubnetMin": "10.10.16.0", "SubnetMax": "10.10.16.0"})
+    old = manager(etcd, prefix).acquire_lease("", attrs(1))
+    put_config(etcd, prefix, {"Network": "10.10.0.0/16", "SubnetLen": 20,
+                              "SubnetMin": "10.10.16.0", "SubnetMax": "10.10.16.0"})
+    new = manager(etcd, prefix).acquire_lease("", attrs(1))
+    assert new.subnet == IPv4Network("10.10.16.0/20") and old.subnet.subnet_of(new.subnet)
+
+
 def test_prefer_is_taken_when_free(etcd, prefix):
     put_config(etcd, prefix)
     want = IPv4Network("10.10.42.0/24")

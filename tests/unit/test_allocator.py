@@ -85,3 +85,53 @@ def test_first_subnet_of_the_network_is_never_chosen():
     picks = {choose_subnet(config, [], rng=random.Random(seed)) for seed in range(50)}
     assert IPv4Network("10.1.0.0/26") not in picks
     assert picks == {IPv4Network("10.1.0.64/26"), IPv4Network("10.1.0.128/26"), IPv4Network("10.1.0.192/26")}
+
+
+@st.composite
+def leases_of_any_length(draw, config):
+    """Subnets as other hosts may hold them: inside the Network (or straddling it), of any
+    prefix length from the Network's own to /32, aligned, possibly nested in one another."""
+    network = config.network
+    count = draw(st.integers(0, 12))
+    out = []
+    for _ in range(count):
+        length = draw(st.integers(max(8, network.prefixlen - 1), 32))
+        offset = draw(st.integers(0, network.num_addresses - 1))
+        out.append(IPv4Network((int(network.network_address) + offset, length), strict=False))
+    return out
+
+
+def brute_force_free(config, taken):
+    return [s for s in config.subnets() if not any(s.overlaps(t) for t in taken)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(configs(), st.data())
+def test_choice_never_overlaps_leases_of_other_lengths(config, data):
+    taken = data.draw(leases_of_any_length(config))
+    choice = choose_subnet(config, taken, rng=random.Random(data.draw(st.integers())))
+    free = brute_force_free(config, taken)
+    if not free:
+        assert choice is None
+        return
+    assert choice is not None and not any(choice.overlaps(t) for t in taken)
+    assert choice in free[:FREE_CHOICES]
+
+
+@settings(max_examples=150, deadline=None)
+@given(configs(), st.data())
+def test_prefer_is_refused_when_it_overlaps_a_lease(config, data):
+    taken = data.draw(leases_of_any_length(config))
+    prefer = data.draw(st.sampled_from(list(config.subnets())[:200]))
+    choice = choose_subnet(config, taken, prefer, random.Random(data.draw(st.integers())))
+    if any(prefer.overlaps(t) for t in taken):
+        assert choice != prefer
+    else:
+        assert choice == prefer
+
+
+def test_a_longer_lease_blocks_the_subnet_holding_it_and_a_shorter_one_all_it_covers():
+    config = NetworkConfig.parse('{"Network":"10.1.0.0/16","SubnetMin":"10.1.1.0","SubnetMax":"10.1.5.0"}')
+    taken = [IPv4Network("10.1.1.128/25"), IPv4Network("10.1.2.0/23"), IPv4Network("10.1.5.7/32")]
+    picks = {choose_subnet(config, taken, rng=random.Random(seed)) for seed in range(30)}
+    assert picks == {IPv4Network("10.1.4.0/24")}
