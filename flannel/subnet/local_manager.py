@@ -5,7 +5,8 @@ it), then the preferred subnet, then a random one among the first free ones (fre
 overlaps no lease or reservation, whatever their prefix length); every write is
 a compare-and-swap (on the key's modifiedIndex, so that a TTL change counts too) and a lost
 race is retried. Renew: compare-and-swap on what was read, rewriting the value byte-for-byte unless the attributes changed on purpose; reservations (keys
-without TTL) never get one. Watches turn etcd indexes into opaque cursors.
+without TTL) never get one; removing a reservation puts the lease TTL back on the same
+value, as Go does. Watches turn etcd indexes into opaque cursors.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 ACQUIRE_TRIES = 10
 RENEW_TRIES = 5
+RESERVATION_TRIES = 10  # Go's raceRetries
 FREE_CHOICES = 100
 
 
@@ -262,6 +264,25 @@ class LocalManager(SubnetManager):
     def remove_reservation(
         self, network: str, subnet: IPv4Network, holder: Optional[IPv4Address] = None
     ) -> None:
+        """As Go does: the key stays and gets the lease TTL back, so the host holding the
+        subnet keeps it as an ordinary lease (deleting it would make a Go host exit)."""
+        for _ in range(RESERVATION_TRIES):
+            raw = self._read_reservation(network, subnet, holder)
+            try:
+                self.registry.update_subnet(
+                    network, subnet, raw.value, self.ttl, prev_index=raw.modified_index
+                )
+                return
+            except (CompareFailed, NotFoundError) as exc:
+                # the next read says whether it is still a reservation (and whose)
+                log.debug("removal of reservation %s raced with another write: %s", subnet, exc)
+        raise LeaseError(
+            f"failed to remove the reservation of {subnet}: the key kept changing under us"
+        )
+
+    def _read_reservation(
+        self, network: str, subnet: IPv4Network, holder: Optional[IPv4Address]
+    ) -> RawLease:
         try:
             raw = self.registry.get_subnet(network, subnet)
         except NotFoundError:
@@ -273,7 +294,7 @@ class LocalManager(SubnetManager):
                 f"the reservation of {subnet} in network {_net_name(network)} is now "
                 f"{raw.lease.attrs.public_ip}'s, not {holder}'s"
             )
-        self.registry.delete_subnet(network, subnet, prev_index=raw.modified_index)
+        return raw
 
     def list_reservations(self, network: str) -> List[Reservation]:
         raws, _ = self.registry.get_subnets(network)

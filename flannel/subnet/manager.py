@@ -68,8 +68,10 @@ class SubnetManager(ABC):
     def remove_reservation(
         self, network: str, subnet: IPv4Network, holder: Optional[IPv4Address] = None
     ) -> None:
-        """Remove a reservation; a lease with a TTL is not a reservation and is left alone.
-        With `holder`, only while the reservation is that PublicIP's (LeaseTakenError)."""
+        """Turn a reservation back into a lease, as Go does: the key keeps its value and gets
+        the lease TTL again, so its host keeps the subnet until it stops renewing. A lease with a
+        TTL is not a reservation (NotFoundError) and is left alone. With `holder`, only while
+        the reservation is that PublicIP's (LeaseTakenError)."""
 
     @abstractmethod
     def list_reservations(self, network: str) -> List[Reservation]:

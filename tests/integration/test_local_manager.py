@@ -184,11 +184,46 @@ def test_reservations(etcd, prefix):
 
     with pytest.raises(LeaseTakenError, match="192.168.77.5's, not 192.168.77.8's"):
         mgr.remove_reservation("", pinned, holder=IPv4Address("192.168.77.8"))
+    # removing a reservation keeps the key, value byte for byte, and puts the lease TTL back
+    kept = {s: node(etcd, prefix, s).value for s in (pinned, holder.subnet)}
     mgr.remove_reservation("", pinned, holder=IPv4Address("192.168.77.5"))
     mgr.remove_reservation("", holder.subnet)
+    for subnet, value in kept.items():
+        after = node(etcd, prefix, subnet)
+        assert after.value == value and 86000 < after.ttl <= 86400
     assert mgr.list_reservations("") == []
-    with pytest.raises(NotFoundError):
+    # the host keeps its subnet as an ordinary lease
+    as_lease = mgr.renew_lease("", lease)
+    assert as_lease.subnet == pinned and not as_lease.is_reservation
+    with pytest.raises(NotFoundError, match="is a lease, not a reservation"):
         mgr.remove_reservation("", pinned)
+    with pytest.raises(NotFoundError, match="no reservation for 10.10.77.0/24"):
+        mgr.remove_reservation("", IPv4Network("10.10.77.0/24"))
+
+
+def test_removing_a_reservation_retries_a_lost_race(etcd, prefix):
+    """The holder renews its reservation between our read and our write: the compare-and-swap
+    loses, and the retry puts the TTL on the value the holder wrote."""
+    put_config(etcd, prefix)
+    mgr = manager(etcd, prefix)
+    pinned = IPv4Network("10.10.50.0/24")
+    mgr.add_reservation("", Reservation(pinned, IPv4Address("192.168.77.5")))
+    holder = manager(etcd, prefix)
+    read = mgr.registry.get_subnet
+    reads = []
+
+    def read_then_renew(network, subnet):
+        raw = read(network, subnet)
+        if not reads:
+            holder.acquire_lease("", attrs(5, "host-gw"))  # rewrites the value, no TTL
+        reads.append(raw)
+        return raw
+
+    mgr.registry.get_subnet = read_then_renew
+    mgr.remove_reservation("", pinned)
+    after = node(etcd, prefix, pinned)
+    assert len(reads) == 2 and reads[0].modified_index < reads[1].modified_index
+    assert after.value == '{"PublicIP":"192.168.77.5","BackendType":"host-gw"}' and after.ttl > 86000
 
 
 def test_a_reservation_made_during_a_renewal_keeps_no_ttl(etcd, prefix):

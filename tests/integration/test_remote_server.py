@@ -102,14 +102,21 @@ def test_single_lease_watch(client):
     assert [e.type for e in missing.events] == [REMOVED]
 
 
-def test_reservations(client):
+def test_reservations(etcd, prefix, client):
     res = Reservation(IPv4Network("10.10.7.0/24"), IPv4Address("192.168.77.7"))
     assert client.list_reservations("") == []
     client.add_reservation("", res)
     assert client.list_reservations("") == [res]
     assert client.acquire_lease("", attrs(7)).subnet == res.subnet
+    key = f"{prefix}/subnets/10.10.7.0-24"
+    value = etcd.client().read(key).value
     client.remove_reservation("", res.subnet)
     assert client.list_reservations("") == []
+    # the key stays as an ordinary lease of its host: same value, the lease TTL back
+    after = etcd.client().read(key)
+    assert after.value == value and 86000 < after.ttl <= 86400
+    with pytest.raises(NotFoundError, match="not a reservation"):
+        client.remove_reservation("", res.subnet)
 
 
 def test_networks_and_named_network(etcd, prefix):

@@ -118,9 +118,12 @@ class FakeManager(SubnetManager):
         self._change(Event(ADDED, Lease(reservation.subnet, LeaseAttrs(reservation.public_ip))))
 
     def remove_reservation(self, network, subnet, holder=None):
-        if subnet not in self.leases:
+        current = self.leases.get(subnet)
+        if current is None or not current.is_reservation:
             raise NotFoundError(f"no reservation for {subnet}")
-        self._change(Event.removed(subnet))
+        # as LocalManager (and Go): the holder keeps the subnet as a lease with a TTL
+        expiration = datetime.now(timezone.utc) + timedelta(hours=24)
+        self._change(Event(ADDED, Lease(subnet, current.attrs, expiration)))
 
     def list_reservations(self, network):
         return [Reservation(s, l.attrs.public_ip) for s, l in self.leases.items() if l.is_reservation]
