@@ -31,7 +31,7 @@ from flannel.dataplane.kstate import KernelState, VxlanSpec
 from flannel.dataplane.nlevents import ChangeMonitor
 from flannel.errors import BackendError
 from flannel.subnet.config import NetworkConfig
-from flannel.subnet.models import Event, Lease, LeaseAttrs
+from flannel.subnet.models import Event, Lease, LeaseAttrs, get_field
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +288,8 @@ class VxlanBackend(Backend):
 def _vtep_mac(lease: Lease) -> Optional[str]:
     """The lease's VtepMAC in lower case, or None when its BackendData holds no valid one."""
     data = lease.attrs.backend_data
-    mac = data.get("VtepMAC") if isinstance(data, dict) else None
+    # Go decodes BackendData into a struct: "vtepMAC" or "vtepmac" is the same field
+    mac = get_field(data, "VtepMAC") if isinstance(data, dict) else None
     return mac.lower() if isinstance(mac, str) and _MAC.match(mac.lower()) else None
 
 

@@ -11,7 +11,7 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Any, Iterator, Optional
 
 from flannel.errors import ConfigError
-from flannel.subnet.models import loads
+from flannel.subnet.models import get_field, loads
 
 # The backends this daemon implements; flannel.backend's registry is checked against it.
 BACKEND_TYPES = ("udp", "vxlan", "host-gw", "alloc")
@@ -86,10 +86,7 @@ class NetworkConfig:
 
     def backend_option(self, name: str, default: Any = None) -> Any:
         """A Backend option by name, matched case-insensitively as Go's JSON decoder does."""
-        for key, value in (self.backend or {}).items():
-            if key.lower() == name.lower():
-                return value
-        return default
+        return get_field(self.backend or {}, name, default)
 
 
 def _decode(text: Any) -> dict:

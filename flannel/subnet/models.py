@@ -119,6 +119,12 @@ def _fold(doc: dict) -> dict:
     return out
 
 
+def get_field(doc: dict, name: str, default: Any = None) -> Any:
+    """`doc[name]` with the name in any case, as Go's decoder fills a struct field (e.g.
+    VtepMAC from a peer's BackendData); the first spelling wins, as everywhere here."""
+    return _fold(doc).get(name.lower(), default)
+
+
 def _object(doc: Any, what: str) -> dict:
     if not isinstance(doc, dict):
         raise DecodeError(f"{what}: expected a JSON object, got {type(doc).__name__}")

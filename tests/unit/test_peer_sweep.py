@@ -15,7 +15,7 @@ from flannel.dataplane import netlink
 from flannel.dataplane.kstate import KernelState, Route
 from flannel.errors import BackendError
 from flannel.subnet.config import NetworkConfig
-from flannel.subnet.models import Lease, LeaseAttrs
+from flannel.subnet.models import ADDED, Event, Lease, LeaseAttrs
 
 EXT = ExternalInterface("eth0", 2, IPv4Address("192.168.77.1"), IPv4Address("192.168.77.1"), 1500)
 DEV = 10  # the vxlan device's index
@@ -163,6 +163,33 @@ def test_vxlan_sync_keeps_a_mac_a_current_peer_still_uses(monkeypatch):
                   lease("10.10.12.0/24", "192.168.77.3", "vxlan", MAC_C)])
     assert fake.removed == [("route", "10.10.3.0/24", DEV, "10.10.3.0"), ("neigh", DEV, "10.10.3.0")]
     assert fake.state.fdb == {MAC_B: [A("192.168.77.2")], MAC_C: [A("192.168.77.3")]}
+
+
+@pytest.mark.parametrize("spelling", ["vtepmac", "VTEPMAC", "vtepMac"])
+def test_vxlan_reads_a_vtep_mac_spelled_in_any_case(monkeypatch, spelling):
+    """Go's JSON decoder matches BackendData's field names case-insensitively: such a peer is
+    programmed, and a sync keeps its forwarding entry."""
+    fake = FakeNetlink(monkeypatch, vxlan_state())
+    programmed = []
+
+    def recorder(kind, picked):
+        def ensure(*args, **kwargs):
+            programmed.append((kind, *(args[i] for i in picked)))
+            return True  # "changed", as the real ensure_* functions answer
+        return ensure
+
+    monkeypatch.setattr(netlink, "ensure_neighbour", recorder("neigh", (1, 2)))
+    monkeypatch.setattr(netlink, "ensure_fdb", recorder("fdb", (1, 2)))
+    monkeypatch.setattr(netlink, "ensure_route", recorder("route", (0,)))
+    backend = VxlanBackend(EXT, config("vxlan"))
+    backend.dev_index = DEV
+    backend.lease = lease("10.10.1.0/24", "192.168.77.1", "vxlan", "aa:aa:aa:aa:aa:aa")
+    peer = Lease(N("10.10.3.0/24"), LeaseAttrs(A("192.168.77.3"), "vxlan", {spelling: MAC_C.upper()}))
+    backend.apply([Event(ADDED, peer)])
+    assert programmed == [("neigh", A("10.10.3.0"), MAC_C), ("fdb", MAC_C, A("192.168.77.3")),
+                          ("route", N("10.10.3.0/24"))]
+    backend.sync([lease("10.10.2.0/24", "192.168.77.2", "vxlan", MAC_B), peer])
+    assert fake.removed == [] and fake.state.fdb[MAC_C] == [A("192.168.77.3")]
 
 
 def test_peer_subnet_and_current_peers_helpers():
