@@ -1,6 +1,7 @@
 """The WSGI application of the server: each /v1 route turned into a SubnetManager call.
 
-Watches are answered from the FanOut (one upstream watch per network). Every request ends in
+Watches are answered from the FanOut (one upstream watch per network); only a single-lease
+snapshot of a lease the FanOut does not hold is read from the store. Every request ends in
 an answer: bad input is a 4xx with a plain message, store trouble a 5xx, and an unexpected
 exception a logged 500; each change is one SubnetManager call, so nothing is left half-done.
 
@@ -139,7 +140,7 @@ class Application:
 
     def _lease_get(self, request, network, subnet):
         network, subnet = api.parse_network_segment(network), api.parse_subnet_segment(subnet)
-        return self._watch(request, self.fanout.leases(network), subnet)
+        return self._watch(request, self.fanout.leases(network), subnet, network)
 
     def _networks_get(self, request):
         return self._watch(request, self.fanout.networks())
@@ -177,29 +178,40 @@ class Application:
 
     # -- watches ------------------------------------------------------------
 
-    def _watch(self, request, hub: WatchHub, key: Optional[IPv4Network] = None) -> Response:
+    def _watch(self, request, hub: WatchHub, key: Optional[IPv4Network] = None,
+               network: str = "") -> Response:
         cursor = api.parse_cursor(request.args.get(api.NEXT))
         wait_text = request.args.get(api.WAIT)
         ours = wait_text is not None
         if cursor is None:
-            return self._snapshot(hub, key, ours)
+            return self._snapshot(hub, key, ours, network)
         bound = self.poll_bound if ours else self.go_poll_bound
         changes = hub.changes(cursor, _wait(wait_text, bound), key)
         if changes.events is None:  # the cursor is older than the window
-            return self._snapshot(hub, key, ours)
+            return self._snapshot(hub, key, ours, network)
         if changes.events:
             return _watch_json(WatchResult(events=tuple(changes.events), cursor=str(changes.cursor)))
         if ours:
             return _watch_json(WatchResult(cursor=str(changes.cursor)))
-        return self._snapshot(hub, key, ours)
+        return self._snapshot(hub, key, ours, network)
 
-    @staticmethod
-    def _snapshot(hub: WatchHub, key, ours: bool) -> Response:
+    def _snapshot(self, hub: WatchHub, key, ours: bool, network: str) -> Response:
         items, index = hub.snapshot(key)
-        if key is not None and not items:
+        if key is None:
+            return _watch_json(WatchResult(snapshot=items, cursor=str(index)), empty_list=ours)
+        cursor = str(index)
+        if not items:
+            # the hub may not have seen a lease acquired a moment ago (its watch lags, or
+            # backs off after an etcd outage), and "removed" makes a Go client give up its
+            # lease: only the store may say it is missing, as Go's server reads it there.
+            # The store's index is a valid cursor for the hub: what the hub has yet to
+            # record up to it is already in this answer.
+            stored = self.manager.watch_lease(network, key, None, 0.0)
+            items, cursor = tuple(stored.snapshot or ()), stored.cursor
+        if not items:
             # "no such lease" as an event: both Go's and our single-lease watch read it
-            return _watch_json(WatchResult(events=(Event.removed(key),), cursor=str(index)))
-        return _watch_json(WatchResult(snapshot=items, cursor=str(index)), empty_list=ours)
+            return _watch_json(WatchResult(events=(Event.removed(key),), cursor=cursor))
+        return _watch_json(WatchResult(snapshot=items, cursor=cursor))
 
     # -- client certificates -------------------------------------------------
 

@@ -17,8 +17,8 @@ from flannel.remote.client import RemoteManager
 from flannel.remote.server import Server, serve
 from flannel.subnet.etcd_registry import EtcdRegistry
 from flannel.subnet.local_manager import LocalManager
-from flannel.subnet.models import ADDED, REMOVED, Lease, Reservation
-from tests.support.remote import attrs, local_manager, put_config, running_server
+from flannel.subnet.models import ADDED, REMOVED, Lease, Reservation, WatchResult
+from tests.support.remote import CountingManager, attrs, local_manager, put_config, running_server
 
 pytestmark = pytest.mark.needs_etcd
 
@@ -100,6 +100,37 @@ def test_single_lease_watch(client):
     assert [(e.type, e.lease) for e in result.events] == [(ADDED, renewed)]
     missing = client.watch_lease("", IPv4Network("10.10.250.0/24"), None, 5)
     assert [e.type for e in missing.events] == [REMOVED]
+
+
+class PausedWatch(CountingManager):
+    """The server's upstream lease watch hangs after its first snapshot (as while it backs
+    off after an etcd outage) until `resume` is set."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.resume = threading.Event()
+
+    def watch_leases(self, network, cursor, timeout):
+        if cursor is not None and not self.resume.wait(timeout):
+            return WatchResult(cursor=cursor)  # "nothing new", however much changed
+        return super().watch_leases(network, cursor, timeout)
+
+
+def test_single_lease_snapshot_of_a_lease_the_hub_has_not_seen(etcd, prefix):
+    put_config(etcd, prefix)
+    manager = PausedWatch(local_manager(etcd, prefix))
+    try:
+        with running_server(manager) as srv:
+            client = RemoteManager(f"127.0.0.1:{srv.port}")
+            client.watch_leases("", None, 5)  # the hub is synced, then its watch hangs
+            lease = client.acquire_lease("", attrs(1))
+            key = lease.subnet.exploded.replace("/", "-")
+            status, snap = go_get(srv, f"/v1/_/leases/{key}")
+            assert status == 200 and snap["events"] is None
+            assert [s["Subnet"] for s in snap["snapshot"]] == [str(lease.subnet)]
+            assert client.watch_lease("", lease.subnet, None, 5).snapshot == (lease,)
+    finally:
+        manager.resume.set()
 
 
 def test_reservations(etcd, prefix, client):

@@ -325,6 +325,22 @@ def test_time_out_answer_depends_on_the_client(app):
     assert missing["events"][0]["type"] == "removed"
 
 
+def test_single_lease_snapshot_reads_the_store_when_the_hub_lags(app):
+    """A lease the hub has not seen yet (its upstream watch lags) is still in the snapshot;
+    only the store may say "removed", which makes a Go client give up its lease."""
+    client = Client(app)
+    cursor = _get_json(client, "/v1/_/leases")["cursor"]  # the hub is synced now
+    fresh = _lease(3)
+    app.manager.leases[fresh.subnet] = fresh  # in the store, unseen by the hub's watch
+    for url in ("/v1/_/leases/10.5.3.0-24", f"/v1/_/leases/10.5.3.0-24?next={cursor}"):
+        answer = _get_json(client, url)
+        assert answer["events"] is None, url
+        assert [s["Subnet"] for s in answer["snapshot"]] == ["10.5.3.0/24"], url
+        assert answer["cursor"] == str(app.manager.index)
+    missing = _get_json(client, "/v1/_/leases/10.5.4.0-24")
+    assert missing["events"][0]["type"] == "removed" and missing["snapshot"] is None
+
+
 def test_stop_ends_parked_polls_at_once():
     application = Application(FakeManager(), poll_bound=60)
     client = Client(application)
