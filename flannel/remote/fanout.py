@@ -228,12 +228,13 @@ class WatchHub:
         if start >= end:
             return None
         if key is not None:
-            matching = [i for i in range(start, end)
-                        if self._kind.key_of_event(self._events[i]) == key]
-            if not matching:
-                return None
-            # one event, the latest, as Go's single-lease watch delivers only the first one
-            return Changes([self._events[matching[-1]]], self._indexes[-1])
+            # the first event of the key with its own index as the cursor: Go's client reads
+            # only Events[0], so each poll delivers one and none is skipped (a "removed"
+            # followed by another host's "added" must reach the old holder as "removed")
+            for i in range(start, end):
+                if self._kind.key_of_event(self._events[i]) == key:
+                    return Changes([self._events[i]], self._indexes[i])
+            return None
         if end - start > limit:
             end = bisect.bisect_right(self._indexes, self._indexes[start + limit - 1])
         return Changes(self._events[start:end], self._indexes[end - 1])

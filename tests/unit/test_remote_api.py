@@ -183,6 +183,13 @@ def _hub(manager, window=1000):
     return hub, closing
 
 
+def _catch_up(hub, manager):
+    """Wait until the hub has recorded every change of the store."""
+    deadline = time.monotonic() + 5
+    while hub.snapshot()[1] < manager.index and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def test_hub_wakes_every_parked_poll_with_one_upstream_watch():
     manager = FakeManager()
     hub, closing = _hub(manager)
@@ -214,16 +221,38 @@ def test_hub_window_overflow_gives_snapshot_and_single_key_filter():
         _, old = hub.snapshot()
         for third in range(1, 7):
             manager._change(Event(ADDED, _lease(third)))
-        deadline = time.monotonic() + 5
-        while hub.snapshot()[1] < manager.index and time.monotonic() < deadline:
-            time.sleep(0.02)
+        _catch_up(hub, manager)
         assert hub.changes(old, 0).events is None  # too old: caller sends a snapshot
         recent = hub.changes(manager.index - 1, 0)
         assert [e.lease.subnet for e in recent.events] == [IPv4Network("10.5.6.0/24")]
         one = hub.changes(manager.index - 3, 0, key=IPv4Network("10.5.5.0/24"))
         assert [e.lease.subnet for e in one.events] == [IPv4Network("10.5.5.0/24")]
-        assert one.cursor == manager.index
+        assert one.cursor == manager.index - 1  # that event's own index
         assert hub.changes(manager.index, 0.05).events == []
+    finally:
+        closing.set()
+
+
+def test_single_lease_poll_delivers_each_event_in_turn():
+    """Go's client reads only Events[0]: a lease revoked and taken by another host must reach
+    it as "removed" first, or it never learns that it lost the lease."""
+    manager = FakeManager()
+    hub, closing = _hub(manager)
+    try:
+        mine = manager.acquire_lease("", LeaseAttrs(IPv4Address("192.168.77.1")))
+        _catch_up(hub, manager)
+        _, cursor = hub.snapshot()
+        manager.revoke_lease("", mine.subnet)
+        manager.acquire_lease("", LeaseAttrs(IPv4Address("192.168.77.2")), prefer=mine.subnet)
+        manager.acquire_lease("", LeaseAttrs(IPv4Address("192.168.77.3")))  # another key
+        _catch_up(hub, manager)
+        seen = []
+        for _ in range(2):
+            got = hub.changes(cursor, 5.0, key=mine.subnet)
+            seen += [(e.type, str(e.lease.attrs.public_ip), got.cursor) for e in got.events]
+            cursor = got.cursor
+        assert seen == [(REMOVED, "0.0.0.0", manager.index - 2),
+                        (ADDED, "192.168.77.2", manager.index - 1)]
     finally:
         closing.set()
 
