@@ -147,8 +147,8 @@ class Application:
 
     def _reservations_get(self, request, network):
         network = self._known(network)
-        items = [r.to_dict() for r in self.manager.list_reservations(network)]
-        return _json(items or None)
+        # [] when there are none, as Go's server writes (its list starts as an empty slice)
+        return _json([r.to_dict() for r in self.manager.list_reservations(network)])
 
     def _reservations_post(self, request, network):
         network = self._known(network)

@@ -133,8 +133,9 @@ def test_single_lease_snapshot_of_a_lease_the_hub_has_not_seen(etcd, prefix):
         manager.resume.set()
 
 
-def test_reservations(etcd, prefix, client):
+def test_reservations(etcd, prefix, server, client):
     res = Reservation(IPv4Network("10.10.7.0/24"), IPv4Address("192.168.77.7"))
+    assert go_get(server, "/v1/_/reservations") == (200, [])
     assert client.list_reservations("") == []
     client.add_reservation("", res)
     assert client.list_reservations("") == [res]

@@ -171,6 +171,14 @@ def test_decode_watch_tells_empty_snapshot_from_no_snapshot():
         api.decode_watch("{")
 
 
+def test_decode_reservations_reads_ours_and_null():
+    res = Reservation(IPv4Network("10.5.9.0/24"), IPv4Address("192.168.77.9"))
+    assert api.decode_reservations("[]\n") == [] and api.decode_reservations("null\n") == []
+    assert api.decode_reservations(api.encode([res.to_dict()])) == [res]
+    with pytest.raises(RemoteError, match="expected a JSON list"):
+        api.decode_reservations("{}")
+
+
 # ---------------------------------------------------------------------------
 # fanout
 
@@ -302,7 +310,7 @@ def test_routes_round_trip(app):
     gone = _get_json(client, f"/v1/_/leases?next={snap['cursor']}")
     assert gone["events"][-1]["type"] == "removed"
     assert gone["events"][-1]["lease"]["Attrs"] == {"PublicIP": "0.0.0.0"}
-    assert _get_json(client, "/v1/_/reservations") is None
+    assert _get_json(client, "/v1/_/reservations") == []  # Go's server writes [], not null
     assert _get_json(client, "/v1/")["snapshot"] == ["blue"]
 
 
