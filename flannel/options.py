@@ -95,12 +95,12 @@ def parse_hostport(text: str) -> str:
 
 
 def parse_listen(text: str) -> str:
-    value = str(text)
-    if value.startswith("fd://"):
-        if value[5:] and not value[5:].isdigit():
-            raise ValueError(f"expected fd:// or fd://N with a descriptor number, got {text!r}")
-        return value
-    return parse_hostport(value)
+    # the server's own reading of the value, so that what passes here also binds there;
+    # imported only when --listen is given, as network mode never loads the server
+    from flannel.remote.server import listen_address
+
+    listen_address(str(text))
+    return str(text)
 
 
 def parse_file(text: str) -> str:
@@ -151,8 +151,9 @@ FLAGS: tuple = (
     Flag("etcd-password", "password for etcd basic authentication (never logged)", None,
          metavar="PASSWORD"),
     Flag("listen", "run as the client/server mode's server on this address (HOST:PORT, :PORT, "
-         "fd:// for the first socket passed by systemd, fd://N for descriptor N); the server is "
-         "the only etcd client and joins no network itself", None, parse_listen, metavar="ADDR"),
+         "tcp://HOST:PORT, fd:// for the first socket passed by systemd, fd://N for descriptor "
+         "N); the server is the only etcd client and joins no network itself", None,
+         parse_listen, metavar="ADDR"),
     Flag("remote", "run as a client of the flanneld server at HOST:PORT instead of talking to etcd",
          None, parse_hostport, metavar="HOST:PORT"),
     Flag("remote-keyfile", "private key of the client certificate presented to the server "

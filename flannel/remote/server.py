@@ -1,9 +1,9 @@
 """The server of the client/server mode: listening socket, TLS, threads and lifecycle.
 
-`serve()` is what `flanneld --listen=...` runs: it listens on "host:port", on the first socket
-systemd passed ("fd://") or on a given descriptor ("fd://N"), tells systemd READY=1, answers the
-/v1 API (flannel.remote.app) with one thread per connection until `stop` is set, then ends
-every parked long poll and closes every connection.
+`serve()` is what `flanneld --listen=...` runs: it listens on "host:port" (or "tcp://host:port"),
+on the first socket systemd passed ("fd://") or on a given descriptor ("fd://N"), tells systemd
+READY=1, answers the /v1 API (flannel.remote.app) with one thread per connection until `stop`
+is set, then ends every parked long poll and closes every connection.
 
 The TLS handshake runs in the connection's own thread: Werkzeug would do it in the accepting
 thread, where one silent client would stall every other.
@@ -93,20 +93,39 @@ class _HTTPServer(ThreadedWSGIServer):
                 pass  # already gone
 
 
-def open_listener(listen: str) -> socket.socket:
-    """The listening socket for --listen: "host:port", "fd://" or "fd://N"."""
-    if listen.startswith("fd://"):
-        rest = listen[len("fd://"):]
+LISTEN_FORMS = "HOST:PORT, tcp://HOST:PORT, fd:// or fd://N"
+
+
+def listen_address(listen: str):
+    """--listen as Go's server reads it: an optional scheme before the address, none or tcp://
+    for TCP, fd:// for a socket passed by systemd. ("tcp", (host, port)) or ("fd", N or None);
+    ValueError naming the value for anything else."""
+    scheme, sep, rest = listen.partition("://")
+    if not sep:
+        scheme, rest = "tcp", listen
+    if scheme == "fd":
         if rest and not rest.isdigit():
-            raise OptionsError(f"--listen={listen}: the descriptor must be a number, e.g. fd://3")
-        return systemd.listening_socket(int(rest) if rest else None)
-    host, sep, port_text = listen.rpartition(":")
-    if not sep or not port_text.isdigit() or int(port_text) > 65535:
-        raise OptionsError(f"--listen={listen}: expected host:port, fd:// or fd://N")
-    host = host.strip("[]") or "0.0.0.0"
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            raise ValueError(f"expected fd:// or fd://N with a descriptor number, got {listen!r}")
+        return "fd", int(rest) if rest else None
+    if scheme != "tcp":
+        raise ValueError(f"bad listener scheme {scheme}:// in {listen!r}: expected {LISTEN_FORMS}")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"expected {LISTEN_FORMS}, got {listen!r}")
+    return "tcp", (host.strip("[]") or "0.0.0.0", int(port))
+
+
+def open_listener(listen: str) -> socket.socket:
+    """The listening socket for --listen (see listen_address)."""
     try:
-        return socket.create_server((host, int(port_text)), family=family, backlog=1024)
+        kind, where = listen_address(listen)
+    except ValueError as exc:
+        raise OptionsError(f"--listen={listen}: {exc}") from None
+    if kind == "fd":
+        return systemd.listening_socket(where)
+    family = socket.AF_INET6 if ":" in where[0] else socket.AF_INET
+    try:
+        return socket.create_server(where, family=family, backlog=1024)
     except OSError as exc:
         raise RemoteError(f"failed to listen on {listen}: {exc.strerror or exc}") from None
 

@@ -298,9 +298,17 @@ def test_listen_errors_are_clear(etcd, prefix):
     with running_server(manager) as srv:
         with pytest.raises(RemoteError, match=f"failed to listen on 127.0.0.1:{srv.port}"):
             Server(f"127.0.0.1:{srv.port}", manager)
-    for bad in ("8888", "host:port", "fd://x", "127.0.0.1:70000"):
+    for bad in ("8888", "host:port", "fd://x", "127.0.0.1:70000", "tcp://x", "udp://127.0.0.1:0"):
         with pytest.raises(OptionsError, match="--listen"):
             Server(bad, manager)
+
+
+def test_listen_with_the_tcp_scheme(etcd, prefix):
+    put_config(etcd, prefix)
+    with running_server(local_manager(etcd, prefix), listen="tcp://127.0.0.1:0") as srv:
+        assert srv.host == "127.0.0.1" and srv.port > 0
+        client = RemoteManager(f"127.0.0.1:{srv.port}")
+        assert str(client.get_network_config("").network) == "10.10.0.0/16"
 
 
 def test_server_rides_out_an_etcd_outage(etcd, prefix):

@@ -139,6 +139,9 @@ def test_default_options_file_is_read_when_present_and_optional(tmp_path):
         (["--public-ip=fe80::1"], {}, None, ["command line", "--public-ip", "IPv4"]),
         (["--remote=nohost"], {}, None, ["command line", "--remote", "HOST:PORT"]),
         (["--listen=fd://x"], {}, None, ["command line", "--listen", "fd://N"]),
+        (["--listen=unix:///run/flannel.sock"], {}, None,
+         ["command line", "--listen", "scheme unix://", "'unix:///run/flannel.sock'", "tcp://HOST:PORT"]),
+        (["--listen=tcp://10.0.0.3"], {}, None, ["--listen", "'tcp://10.0.0.3'", "HOST:PORT"]),
         (["--etcd-cafile=/no/such/ca.pem"], {}, None, ["--etcd-cafile", "/no/such/ca.pem", "readable"]),
         (["--listen=:8888", "--remote=10.0.0.1:8888"], {}, None, ["--listen and --remote"]),
         (["-kube-subnet-mgr"], {}, None, ["--kube-subnet-mgr", "not supported"]),
@@ -165,6 +168,9 @@ def test_listen_forms():
     assert parse(["--listen=fd://"]).listen == "fd://"
     assert parse(["-listen=fd://5"]).listen == "fd://5"
     assert parse(["--listen", ":8888"]).listen == ":8888"
+    # Go's server takes an optional tcp:// in front of HOST:PORT
+    assert parse(["--listen=tcp://10.0.0.3:8888"]).listen == "tcp://10.0.0.3:8888"
+    assert parse(["-listen=tcp://:8888"]).listen == "tcp://:8888"
 
 
 def test_help_explains_every_flag():
