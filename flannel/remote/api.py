@@ -38,6 +38,10 @@ TEXT_TYPE = "text/plain; charset=utf-8"
 # Names our error class so that the client raises the same class the server caught;
 # a Go peer ignores it and goes by the status alone.
 ERROR_HEADER = "X-Flannel-Error"
+# Set on every answer of our server: it honours `wait`, so a client may end a long poll by
+# its own read timeout. A Go server ignores `wait` and keeps an abandoned poll (its goroutine
+# and etcd watch) until that key changes, so a client must not give up on its polls.
+POLL_BOUND_HEADER = "X-Flannel-Poll-Bound"  # value: the longest a poll with `wait` parks, s
 NEXT = "next"      # Go's cursor parameter
 WAIT = "wait"      # ours: seconds a long poll may park; its presence also says "I accept
                    # an empty result on time-out" (Go's client does not, see server.py)

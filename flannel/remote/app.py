@@ -6,11 +6,12 @@ an answer: bad input is a 4xx with a plain message, store trouble a 5xx, and an 
 exception a logged 500; each change is one SubnetManager call, so nothing is left half-done.
 
 Long polls are bounded. A client that sent `wait` (ours) parks for at most `poll_bound`
-seconds and then gets an empty result with its cursor. One that did not (Go's) parks for at
-most `go_poll_bound` seconds and then gets a snapshot, because Go's watch loop treats a result
-without events as the full state and its single-lease watch reads the first event of a result
-without a snapshot; the longer bound keeps those snapshots rare while still freeing the thread
-of a client that vanished without closing its connection.
+seconds and then gets an empty result with its cursor; every answer says so in
+api.POLL_BOUND_HEADER, which tells our client that it may end its polls itself. One that did
+not (Go's) parks for at most `go_poll_bound` seconds and then gets a snapshot, because Go's
+watch loop treats a result without events as the full state and its single-lease watch reads
+the first event of a result without a snapshot; the longer bound keeps those snapshots rare
+while still freeing the thread of a client that vanished without closing its connection.
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ class Application:
         with self._idle:
             self._active += 1
         try:
-            body = self._respond(Request(environ))(environ, start_response)
+            response = self._respond(Request(environ))
+            response.headers[api.POLL_BOUND_HEADER] = f"{self.poll_bound:g}"
+            body = response(environ, start_response)
         except BaseException:
             self._leave()
             raise

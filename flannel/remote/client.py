@@ -1,22 +1,23 @@
 """RemoteManager: the SubnetManager of `flanneld --remote=HOST:PORT`, over HTTP(S) with requests.
 
 Each call is one request; retrying is the caller's job (the network loop retries
-RegistryError, which is what an unreachable server or a 5xx becomes). Long polls send our
-`wait` parameter so that our server answers within the caller's timeout; a Go server ignores
-it and parks until a change, so the read timeout ends the poll and an empty result is returned
-with the same cursor, exactly as on a server-side time-out. `prefer` of acquire_lease travels
-as a query parameter, ignored by a Go server.
+RegistryError, which is what an unreachable server or a 5xx becomes). `prefer` of
+acquire_lease travels as a query parameter, ignored by a Go server. How long polls end
+depends on the server; see RemoteManager.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import threading
 from ipaddress import IPv4Address, IPv4Network
 from typing import List, Optional
 
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection
 
 from flannel import __version__
 from flannel.errors import OptionsError, RegistryError, RemoteError
@@ -32,9 +33,38 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 30.0   # plain requests (acquire may retry compare-and-swap on the server)
 POLL_GRACE = 10.0     # read timeout of a long poll = its wait + this
+# probes after 30 s idle, every 10 s, 3 unanswered: a poll parked without a read timeout
+# still ends (unreachable) about a minute after the server's host vanished
+KEEPALIVE = [
+    (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3),
+]
+
+
+class _KeepAliveAdapter(HTTPAdapter):
+    """requests' adapter with TCP keepalive on every connection it opens."""
+
+    def init_poolmanager(self, *args, **kwargs):
+        kwargs["socket_options"] = HTTPConnection.default_socket_options + KEEPALIVE
+        super().init_poolmanager(*args, **kwargs)
 
 
 class RemoteManager(SubnetManager):
+    """Long polls send our `wait` parameter. Our server honours it and marks every answer
+    with api.POLL_BOUND_HEADER; against it a poll also has a read timeout (wait + POLL_GRACE),
+    and one the server leaves unanswered ends with an empty result and the same cursor, as
+    on a server-side time-out.
+
+    A Go server ignores `wait` and parks a poll until its key changes (own lease: about a
+    day), and an abandoned request keeps its goroutine and etcd watch until then. So while
+    the server's answers lack the header, a long poll has no read timeout, as in Go's own
+    client, and may outlast its `timeout`; TCP keepalive notices a server that vanished.
+    The watch loops that poll run in daemon threads, which the daemon does not wait for,
+    and close() does not wait for a parked poll either. Snapshot requests (no cursor) are
+    answered at once by both servers and always have a read timeout."""
+
     def __init__(self, remote: str, *, cafile=None, certfile=None, keyfile=None):
         host, sep, port = remote.rpartition(":")
         if not sep or not host or not port.isdigit() or "/" in remote:
@@ -50,6 +80,7 @@ class RemoteManager(SubnetManager):
         self._local = threading.local()
         self._sessions: list = []
         self._lock = threading.Lock()
+        self._honours_wait = False  # as the server's latest answer says (POLL_BOUND_HEADER)
 
     def __repr__(self) -> str:
         return f"RemoteManager({self.base})"
@@ -65,13 +96,17 @@ class RemoteManager(SubnetManager):
             session.trust_env = False  # never route the overlay's control plane via a proxy
             session.headers.update({"User-Agent": f"flanneld-py/{__version__}",
                                     "Accept-Encoding": "identity"})
+            adapter = _KeepAliveAdapter()
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
             self._local.session = session
             with self._lock:
                 self._sessions.append(session)
         return session
 
     def _request(self, method: str, path: str, action: str, *, body: Optional[str] = None,
-                 params: Optional[dict] = None, read_timeout: float = READ_TIMEOUT) -> requests.Response:
+                 params: Optional[dict] = None,
+                 read_timeout: Optional[float] = READ_TIMEOUT) -> requests.Response:
         headers = {"Content-Type": "application/json"} if body is not None else None
         try:
             resp = self._session().request(
@@ -87,6 +122,9 @@ class RemoteManager(SubnetManager):
             raise
         except requests.exceptions.RequestException as exc:
             raise RegistryError(f"failed to {action}: server {self.base} unreachable: {_reason(exc)}") from exc
+        # the latest answer decides: a server replaced by a Go one at the same address
+        # must not be left with abandoned polls
+        self._honours_wait = api.POLL_BOUND_HEADER in resp.headers
         if resp.status_code != 200:
             raise api.error_from_response(resp.status_code, resp.headers.get(api.ERROR_HEADER),
                                           resp.text, action)
@@ -163,12 +201,17 @@ class RemoteManager(SubnetManager):
         params = {api.WAIT: f"{timeout:g}"}
         if cursor is not None:
             params[api.NEXT] = cursor
+        # a snapshot is answered at once by any server; a poll is abandoned only on a
+        # server that ends it by itself (see the class docstring)
+        bounded = cursor is None or self._honours_wait
+        read_timeout = timeout + self.poll_grace if bounded else None
         try:
-            resp = self._request("GET", path, action, params=params, read_timeout=timeout + self.poll_grace)
+            resp = self._request("GET", path, action, params=params, read_timeout=read_timeout)
         except requests.exceptions.ReadTimeout:
             if cursor is None:
                 raise RegistryError(f"failed to {action}: server {self.base} did not answer in time") from None
-            log.debug("%s: no answer within %.0fs (a server that ignores wait)", action, timeout)
+            log.debug("%s: no answer within %.1fs although the server bounds polls", action,
+                      read_timeout)
             return WatchResult(cursor=cursor)
         result = api.decode_watch(resp.content, networks=networks)
         if cursor is None and result.snapshot is None and not result.events:

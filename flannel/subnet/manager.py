@@ -4,6 +4,7 @@ It mirrors Go flanneld's subnet.Manager. `network` is a network name, or "" for 
 network (single-network mode). Watches take an opaque `cursor` (None: start with a snapshot)
 and a `timeout` in seconds after which an empty result with the same cursor is returned, so
 that callers can notice a stop request; they raise RegistryError when the store is unreachable.
+(RemoteManager in front of a Go server cannot keep to the timeout: see flannel.remote.client.)
 """
 
 from __future__ import annotations

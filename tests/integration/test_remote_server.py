@@ -173,6 +173,7 @@ def test_go_shaped_requests(server):
     resp = requests.post(server.url + "/v1/_/leases", data='{"PublicIP":"192.168.77.5"}',
                          headers={"Content-Type": "application/json"}, timeout=10)
     assert resp.status_code == 200 and resp.text.endswith("}\n")
+    assert resp.headers[api.POLL_BOUND_HEADER] == "30"  # tells our client that polls end
     lease = resp.json()
     assert set(lease) == {"Subnet", "Attrs", "Expiration"} and lease["Expiration"].endswith("Z")
     status, snap = go_get(server, "/v1/_/leases")

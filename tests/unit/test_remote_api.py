@@ -3,9 +3,11 @@
 The same behaviour is tested against a real etcd and real sockets in tests/integration."""
 
 import json
+import socket
 import threading
 import time
 from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
@@ -392,28 +394,125 @@ def test_stop_ends_parked_polls_at_once():
     assert client.get("/v1/_/config").status_code == 503
 
 
-def test_client_ends_a_poll_that_a_go_server_never_answers():
-    """A Go server ignores `wait` and parks until a change: the read timeout ends the poll
-    with an empty result and the same cursor, as the SubnetManager contract says."""
-    import socket
+class StubServer:
+    """An HTTP/1.1 server that answers GET config, marked as our server or not (`ours`), and
+    leaves every other request unanswered until release(); records the paths it was sent."""
 
+    def __init__(self, ours: bool):
+        stub = self
+        self.ours = ours
+        self.paths = []
+        self.released = threading.Event()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                stub.paths.append(self.path)
+                if not self.path.endswith("/config"):
+                    stub.released.wait()
+                    self.close_connection = True  # never answered
+                    return
+                body = api.encode({"Network": str(NET)})
+                self.send_response(200)
+                if stub.ours:
+                    self.send_header(api.POLL_BOUND_HEADER, "30")
+                self.send_header("Content-Type", api.JSON_TYPE)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.http.daemon_threads = True
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+        self.address = f"127.0.0.1:{self.http.server_address[1]}"
+
+    def polls(self) -> int:
+        return sum(1 for p in self.paths if "next=" in p)
+
+    def release(self) -> None:
+        self.released.set()
+        self.http.shutdown()
+        self.http.server_close()
+
+
+@pytest.fixture
+def stub_server(request):
+    stub = StubServer(ours=request.param)
+    yield stub
+    stub.release()
+
+
+def _remote(stub):
     from flannel.remote.client import RemoteManager
 
-    silent = socket.create_server(("127.0.0.1", 0))
-    held = []
-    accepter = threading.Thread(target=lambda: held.append(silent.accept()), daemon=True)
-    accepter.start()
-    try:
-        client = RemoteManager(f"127.0.0.1:{silent.getsockname()[1]}")
-        client.poll_grace = 0.2
-        result = client.watch_leases("", "41", 0.1)
-        assert result == WatchResult(cursor="41")
-        with pytest.raises(RegistryError, match="did not answer"):
-            client.watch_leases("", None, 0.1)  # a snapshot request must be answered
-    finally:
-        silent.close()
-        for conn, _ in held:
-            conn.close()
+    client = RemoteManager(stub.address)
+    client.poll_grace = 0.2
+    client.get_network_config("")  # the first answer says which kind of server it is
+    return client
+
+
+@pytest.mark.parametrize("stub_server", [False], indirect=True)
+def test_client_leaves_a_poll_parked_on_a_go_server(stub_server):
+    """A Go server ignores `wait` and keeps an abandoned poll's etcd watch until the key changes:
+    with a server that does not mark its answers as ours, a long poll has no read timeout, so
+    none is abandoned (and sent again), and close() does not wait for it."""
+    client = _remote(stub_server)
+    with pytest.raises(RegistryError, match="did not answer"):
+        client.watch_leases("", None, 0.1)  # a snapshot request must be answered
+    got = []
+
+    def poll():
+        try:
+            got.append(client.watch_leases("", "41", 0.1))
+        except RegistryError as exc:
+            got.append(exc)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    poller.join(1.5)  # far past wait + grace
+    assert poller.is_alive() and got == [] and stub_server.polls() == 1
+    closer = threading.Thread(target=client.close, daemon=True)
+    closer.start()
+    closer.join(5)
+    assert not closer.is_alive()
+    stub_server.release()  # the server goes away: the parked poll ends with a retryable error
+    poller.join(5)
+    assert not poller.is_alive() and isinstance(got[0], RegistryError)
+
+
+@pytest.mark.parametrize("stub_server", [True], indirect=True)
+def test_client_ends_a_poll_that_our_server_does_not_answer_in_time(stub_server):
+    """Our server honours `wait`: a poll it leaves unanswered is ended by the read timeout
+    with an empty result and the same cursor, as the SubnetManager contract says."""
+    client = _remote(stub_server)
+    assert client.watch_leases("", "41", 0.1) == WatchResult(cursor="41")
+    with pytest.raises(RegistryError, match="did not answer"):
+        client.watch_leases("", None, 0.1)
+
+
+@pytest.mark.parametrize("stub_server", [False, True], indirect=True)
+def test_client_connections_use_tcp_keepalive(stub_server):
+    """A poll without a read timeout still notices a server host that vanished."""
+    client = _remote(stub_server)
+    pools = client._session().get_adapter(client.base).poolmanager.pools
+    idle = [c for key in pools.keys() for c in pools[key].pool.queue]
+    socks = [c.sock for c in idle if c is not None and c.sock is not None]
+    assert socks
+    for sock in socks:
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30
+
+
+def test_every_answer_of_our_server_says_it_bounds_polls(app):
+    client = Client(app)
+    for method, url in (("get", "/v1/_/config"), ("get", "/v1/red/config"),
+                        ("patch", "/v1/_/leases"), ("get", "/v2/x")):
+        resp = getattr(client, method)(url)
+        assert resp.headers.get(api.POLL_BOUND_HEADER) == "0.3", (method, url, resp.status_code)
 
 
 def test_idle_hubs_stop_and_come_back_on_demand():
