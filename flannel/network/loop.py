@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Optional
 from flannel.backend import create_backend
 from flannel.backend.base import Backend, ExternalInterface
 from flannel.errors import (
-    BackendError, ConfigError, FlannelError, LeaseError, LeaseTakenError, NotFoundError,
+    ConfigError, FlannelError, LeaseError, LeaseTakenError, NotFoundError,
     RegistryError,
 )
 from flannel.network.retry import Onceper, Retry
@@ -112,10 +112,10 @@ class NetworkLoop:
             message = str(exc) if self._restart_hint() in str(exc) else f"{exc}; {self._restart_hint()}"
             log.error("%s: %s", self.settings.label, message)
             self.on_fatal(message)
-        except BackendError as exc:
+        except FlannelError as exc:  # refused for good (a broken data path, a 403): no traceback
             log.error("%s: %s", self.settings.label, exc)
             self.on_fatal(str(exc))
-        except Exception as exc:  # a dying thread says why and stops the daemon
+        except Exception as exc:  # a bug: the thread says why and stops the daemon
             log.exception("%s: network loop failed", self.settings.label)
             self.on_fatal(f"network loop of {net or 'the network'} failed: {exc}")
         finally:

@@ -16,7 +16,8 @@ import flannel.backend
 from flannel.backend.alloc import AllocBackend
 from flannel.backend.base import ExternalInterface
 from flannel.errors import (
-    BackendError, ConfigError, LeaseError, LeaseTakenError, NotFoundError, RegistryError, RemoteError,
+    BackendError, ConfigError, LeaseError, LeaseTakenError, NotFoundError, PermissionDenied, RegistryError,
+    RemoteError,
 )
 from flannel.network.loop import LoopSettings, NetworkLoop
 from flannel.network.multi import Supervisor
@@ -407,6 +408,21 @@ def test_own_lease_watch_rides_out_any_refusal(tmp_path, stop, refusal):
     stop.set()
     thread.join(5)
     assert not thread.is_alive() and not events.fatal
+
+
+def test_a_refusal_for_good_is_fatal_with_its_message_and_no_traceback(tmp_path, stop, caplog):
+    """A server that answers 403 (a client certificate for another host) ends the daemon with
+    the server's words, not with a traceback as a bug would."""
+    manager = FakeManager()
+    manager.configs[""] = CONFIG
+    manager.fail["acquire"] = [PermissionDenied("server answered 403: not allowed to acquire a lease")]
+    loop, events = make_loop(tmp_path, manager, stop)
+    with caplog.at_level(logging.ERROR):
+        thread = run_thread(loop)
+        thread.join(5)
+    assert not thread.is_alive()
+    assert events.fatal == ["server answered 403: not allowed to acquire a lease"]
+    assert "403" in caplog.text and not any(r.exc_info for r in caplog.records)
 
 
 # -- config, acquire, publish ------------------------------------------------------------
