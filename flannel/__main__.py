@@ -39,8 +39,10 @@ def install_signals(stop: threading.Event, status: list) -> None:
     """SIGTERM/SIGINT stop the daemon. The handler only writes a byte to a pipe: setting an
     Event or starting a thread inside a handler can deadlock on a lock the interrupted main
     thread holds. A named thread turns the byte into the stop request and arms a watchdog
-    that forces the exit if the orderly stop overruns (the daemon always stops within 5 s);
-    a second signal exits at once."""
+    that forces the exit if the orderly stop overruns (the daemon always stops within 5 s).
+    Further signals change nothing: a Ctrl-C often reaches flanneld twice (from the terminal
+    and from a wrapper that forwards it), and cutting the stop short would leave the
+    masquerade rules behind."""
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
 
@@ -51,12 +53,16 @@ def install_signals(stop: threading.Event, status: list) -> None:
             pass  # pipe full: a stop is already pending
 
     def relay() -> None:
+        armed = False
         while True:
-            signum = os.read(read_fd, 1)[0]
-            if stop.is_set():
-                _force_exit(status, f"second {signal.Signals(signum).name}")
-            log.info("received %s, stopping", signal.Signals(signum).name)
-            stop.set()
+            name = signal.Signals(os.read(read_fd, 1)[0]).name
+            if armed:
+                log.info("received %s while stopping; the stop goes on (at most %.1f s)",
+                         name, STOP_DEADLINE)
+                continue
+            log.info("received %s, stopping", name)
+            stop.set()  # perhaps set already (a fatal error): the watchdog still bounds it
+            armed = True
             threading.Thread(target=_watchdog, args=(status,), name="stop-watchdog",
                              daemon=True).start()
 

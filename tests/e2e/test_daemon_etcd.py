@@ -215,6 +215,21 @@ def test_etcd_unreachable_keeps_running_and_stops_fast(prefix, daemons):
     assert status == 0 and took < STOP_LIMIT
 
 
+def test_a_second_signal_does_not_cut_the_orderly_stop_short(etcd, prefix, daemons):
+    """Ctrl-C often arrives twice (the terminal, then a wrapper forwarding it): the stop
+    still runs to its end (masquerade rules removed, "stopped" logged) instead of exiting."""
+    put(etcd, f"{prefix}/config", ALLOC)
+    d = daemons("twice", prefix=prefix)
+    assert wait_for(lambda: subnet_of(d.subnet_file))
+    d.proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    status, took = d.stop(signal.SIGTERM)
+    assert status == 0 and took < STOP_LIMIT
+    log = d.log()
+    assert "received SIGTERM while stopping" in log
+    assert "flanneld stopped (exit status 0)" in log and "exiting now" not in log
+
+
 def test_etcd_restart_mid_run_then_lease_deleted_is_reclaimed(etcd, prefix, daemons):
     put(etcd, f"{prefix}/config", ALLOC)
     d = daemons("survivor", prefix=prefix)
