@@ -156,6 +156,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(version_text())
         return EXIT_OK
     setup_logging(opts.verbose)
+    for warning in opts.warnings:
+        log.warning("%s", warning)
     stop = threading.Event()
     status = [EXIT_OK]  # what the watchdog exits with
     install_signals(stop, status)

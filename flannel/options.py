@@ -27,6 +27,7 @@ from flannel.subnet.keys import is_valid_network_name
 
 ENV_PREFIX = "FLANNELD_"
 DEFAULT_CONFIG_FILE = "/etc/flannel/options.env"
+CONFIG_FILE_ENV = "FLANNELD_CONFIG_FILE"
 MIN_RENEW_MARGIN, MAX_RENEW_MARGIN = 1, 24 * 60 - 1
 
 
@@ -308,7 +309,8 @@ def build_parser(config_files: Sequence[str]) -> configargparse.ArgParser:
     parser.add_argument(
         "--config-file", metavar="FILE", default=None,
         help=f"options file of FLANNELD_<NAME>=value lines (default {DEFAULT_CONFIG_FILE}, "
-        "which may be absent; a file named here must exist)",
+        f"which may be absent; a file named here or in {CONFIG_FILE_ENV} must exist; "
+        "/dev/null reads none)",
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     parser.add_argument("-h", "--help", action="store_true", help="print this help and exit")
@@ -328,22 +330,39 @@ def go_to_gnu(argv: Sequence[str]) -> list:
     return out
 
 
-def _config_files(argv: list, default: str) -> list:
-    """The options file to read: the one named by --config-file (it must exist), else the
-    default (which may be absent)."""
-    explicit = None
+def _config_files(argv: list, env: Mapping[str, str], default: str) -> list:
+    """The options file to read: the one named by --config-file, else by
+    FLANNELD_CONFIG_FILE (either must be readable; /dev/null says "none"), else the default
+    (which may be absent)."""
+    explicit, source = None, None
     for i, arg in enumerate(argv):
         if arg == "--":
             break
         if arg.startswith("--config-file="):
-            explicit = arg.split("=", 1)[1]
+            explicit, source = arg.split("=", 1)[1], "command line: --config-file"
         elif arg == "--config-file" and i + 1 < len(argv):
-            explicit = argv[i + 1]
+            explicit, source = argv[i + 1], "command line: --config-file"
+    if explicit is None and env.get(CONFIG_FILE_ENV):
+        explicit, source = env[CONFIG_FILE_ENV], f"environment variable {CONFIG_FILE_ENV}:"
     if explicit is None:
         return [default]
-    if not os.path.isfile(explicit):
-        raise OptionsError(f"command line: --config-file {explicit}: no such file")
+    if os.path.isdir(explicit):
+        raise OptionsError(f"{source} {explicit}: is a directory, not an options file")
+    try:
+        with open(explicit, "rb"):
+            pass
+    except OSError as exc:
+        raise OptionsError(f"{source} {explicit}: {exc.strerror.lower()}") from None
     return [explicit]
+
+
+def _unknown_env(env: Mapping[str, str]) -> list:
+    """FLANNELD_* variables that name no option: ignored (as Go does), but worth a warning."""
+    known = set(_BY_ENV) | {CONFIG_FILE_ENV}
+    return [
+        f"environment variable {key} is not a flanneld option; ignored"
+        for key in sorted(env) if key.startswith(ENV_PREFIX) and key not in known
+    ]
 
 
 def _check_env(env: Mapping[str, str]) -> None:
@@ -376,7 +395,7 @@ def parse_options(
     argv = go_to_gnu(sys.argv[1:] if argv is None else argv)
     env = os.environ if env is None else env
     _check_env(env)
-    parser = build_parser(_config_files(argv, default_config_file))
+    parser = build_parser(_config_files(argv, env, default_config_file))
     try:
         opts = parser.parse_args(argv, env_vars=env)
     except configargparse.ConfigFileParserException as exc:
@@ -386,6 +405,7 @@ def parse_options(
     for name in ("watch_networks", "ip_masq", "kube_subnet_mgr", "logtostderr", "alsologtostderr"):
         setattr(opts, name, bool(getattr(opts, name)))
     _check_combinations(opts)
+    opts.warnings = _unknown_env(env)  # logged by the caller once logging is set up
     return opts
 
 

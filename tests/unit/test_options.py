@@ -119,6 +119,25 @@ def test_default_options_file_is_read_when_present_and_optional(tmp_path):
     assert opts.public_ip == "10.9.9.9" and opts.iface is None  # the named file replaces the default
 
 
+def test_options_file_from_the_environment_and_dev_null(tmp_path):
+    default = tmp_path / "options.env"
+    default.write_text("FLANNELD_IFACE=eth9\n")
+    other = tmp_path / "other.env"
+    other.write_text("FLANNELD_PUBLIC_IP=10.9.9.9\n")
+    opts = parse(env={"FLANNELD_CONFIG_FILE": str(other)}, default_file=str(default))
+    assert opts.public_ip == "10.9.9.9" and opts.iface is None
+    # the command line beats the environment; /dev/null reads no file at all
+    opts = parse(["--config-file=/dev/null"], env={"FLANNELD_CONFIG_FILE": str(other)},
+                 default_file=str(default))
+    assert opts.public_ip is None and opts.iface is None
+
+
+def test_unknown_environment_variables_are_ignored_with_a_warning():
+    opts = parse(env={"FLANNELD_BOGUS": "1", "FLANNELD_IFACE": "eth1", "OTHER": "x"})
+    assert opts.iface == "eth1"
+    assert opts.warnings == ["environment variable FLANNELD_BOGUS is not a flanneld option; ignored"]
+
+
 @pytest.mark.parametrize(
     "argv, env, text, expected",
     [
@@ -146,6 +165,9 @@ def test_default_options_file_is_read_when_present_and_optional(tmp_path):
         (["--listen=:8888", "--remote=10.0.0.1:8888"], {}, None, ["--listen and --remote"]),
         (["-kube-subnet-mgr"], {}, None, ["--kube-subnet-mgr", "not supported"]),
         (["--config-file=/no/such/file.env"], {}, None, ["--config-file", "/no/such/file.env", "no such file"]),
+        (["--config-file=/tmp"], {}, None, ["--config-file", "/tmp", "is a directory"]),
+        ([], {"FLANNELD_CONFIG_FILE": "/no/such/file.env"}, None,
+         ["environment variable FLANNELD_CONFIG_FILE", "/no/such/file.env", "no such file"]),
     ],
 )
 def test_errors_name_key_and_source(tmp_path, argv, env, text, expected):
