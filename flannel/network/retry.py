@@ -9,7 +9,7 @@ from typing import Optional
 
 
 class Retry:
-    def __init__(self, what: str, log: Optional[logging.Logger], initial: float = 1.0, cap: float = 30.0):
+    def __init__(self, what: str, log: Optional[logging.Logger], initial: float = 1.0, cap: float = 10.0):
         self.what = what
         self.log = log
         self.initial = initial

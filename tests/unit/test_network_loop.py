@@ -627,3 +627,17 @@ def test_a_dying_peer_watcher_stops_the_daemon(tmp_path, stop):
     assert "net-default-peers" in events.fatal[0]
     thread.join(5)
     assert not thread.is_alive()
+
+
+def test_retry_backs_off_to_ten_seconds_and_logs_once(caplog):
+    """An outage costs each loop at most one try every 10 s, so a host is back at most
+    10 s after etcd (or the server) is; the failure and the recovery are logged once each."""
+    from flannel.network.retry import Retry
+
+    retry = Retry("watching our lease", logging.getLogger("test.retry"))
+    with caplog.at_level(logging.INFO, logger="test.retry"):
+        delays = [retry.failed(RegistryError("etcd down")) for _ in range(7)]
+        retry.succeeded()
+    assert delays == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0, 10.0]
+    assert [r.levelname for r in caplog.records] == ["WARNING", "INFO"]
+    assert retry.failed(RegistryError("again")) == 1.0
