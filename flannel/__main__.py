@@ -21,6 +21,7 @@ log = logging.getLogger("flannel")
 
 EXIT_OK, EXIT_FATAL, EXIT_USAGE = 0, 1, 2
 STOP_DEADLINE = 4.5  # seconds from a stop request to a forced exit
+LIBRARY_DEBUG = 5    # the -v level from which the libraries' debug messages are logged too
 
 
 def setup_logging(verbosity: int) -> None:
@@ -29,9 +30,10 @@ def setup_logging(verbosity: int) -> None:
         format="%(asctime)s %(levelname).1s [%(threadName)s] %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    # third-party chatter (urllib3 retries during an etcd outage) only at -v 2 and above
-    if verbosity < 2:
-        for name in ("urllib3", "etcd", "pyroute2", "werkzeug"):
+    # the libraries' own debug output (pyroute2 alone writes hundreds of lines at start)
+    # only from LIBRARY_DEBUG on: -v and -v=2 are for flanneld's own debug messages
+    if verbosity < LIBRARY_DEBUG:
+        for name in ("urllib3", "etcd", "pyroute2", "werkzeug", "asyncio"):
             logging.getLogger(name).setLevel(logging.WARNING)
 
 

@@ -183,7 +183,8 @@ FLAGS: tuple = (
          "overlay-to-overlay traffic is left alone", False, parse_bool, True),
     Flag("kube-subnet-mgr", "use the Kubernetes API instead of etcd for subnets (not supported "
          "by this implementation: refused)", False, parse_bool, True),
-    Flag("verbose", "log level: 0 logs info and above, 1 or more (-v, -vv, -v=2) adds debug",
+    Flag("verbose", "log level: 0 logs info and above, 1 or more (-v, -vv, -v=2) adds debug, "
+         "5 or more also the libraries' debug (pyroute2, urllib3, werkzeug)",
          0, parse_verbosity, metavar="LEVEL", short="v"),
     # Go's glog flags, accepted so that existing unit files keep working; logs go to stderr
     Flag("logtostderr", "accepted for compatibility with Go flanneld (logs always go to stderr)",

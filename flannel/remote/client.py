@@ -8,6 +8,7 @@ depends on the server; see RemoteManager.
 
 from __future__ import annotations
 
+import http.client
 import logging
 import socket
 import ssl
@@ -121,7 +122,9 @@ class RemoteManager(SubnetManager):
         except requests.exceptions.ReadTimeout:
             raise
         except requests.exceptions.RequestException as exc:
-            raise RegistryError(f"failed to {action}: server {self.base} unreachable: {_reason(exc)}") from exc
+            raise RegistryError(
+                f"failed to {action}: server {self.base} unreachable: {_reason(exc)}{self._tls_hint(exc)}"
+            ) from exc
         # the latest answer decides: a server replaced by a Go one at the same address
         # must not be left with abandoned polls
         self._honours_wait = api.POLL_BOUND_HEADER in resp.headers
@@ -135,6 +138,13 @@ class RemoteManager(SubnetManager):
             return self._request(method, path, action, **kwargs)
         except requests.exceptions.ReadTimeout as exc:
             raise RegistryError(f"failed to {action}: server {self.base} did not answer in time") from exc
+
+    def _tls_hint(self, exc: Exception) -> str:
+        """A plain-HTTP client of an HTTPS server sees its connection dropped: say why."""
+        if self.base.startswith("https:") or not _chain_has(
+                exc, (ConnectionResetError, http.client.RemoteDisconnected, http.client.BadStatusLine)):
+            return ""
+        return " (if the server serves HTTPS, give --remote-cafile, and a client certificate if it asks for one)"
 
     # -- SubnetManager --------------------------------------------------------
 
