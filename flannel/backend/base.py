@@ -4,7 +4,8 @@ The network loop (flannel.network) drives a backend through one life cycle per l
 
     backend = cls(ext_iface, config)       # no kernel changes yet
     attrs = backend.lease_attrs()          # set up what the lease must advertise (e.g. VTEP MAC)
-    backend.start(lease, stop)             # configure for our lease; may start named threads
+    backend.start(lease, stop)             # configure for our lease, drop other backends' peer
+                                           # routes (peers.sweep_other_backends); may start threads
     backend.sync(leases)                   # every peer lease of a snapshot: sweep stale entries
     backend.apply(events)                  # peers added/removed (never our own lease)
     backend.stop()                         # stop threads; devices, routes stay (peers keep working)

@@ -15,7 +15,9 @@ import threading
 from typing import Iterable
 
 from flannel.backend.base import Backend, ExternalInterface
-from flannel.backend.peers import Rechecker, current_peers, split_batch, stale_routes
+from flannel.backend.peers import (
+    Rechecker, current_peers, split_batch, stale_routes, sweep_other_backends,
+)
 from flannel.dataplane import netlink
 from flannel.dataplane.nlevents import ChangeMonitor
 from flannel.errors import BackendError
@@ -49,6 +51,8 @@ class HostGwBackend(Backend):
 
     def start(self, lease: Lease, stop: threading.Event) -> None:
         self.lease = lease
+        # ours are the routes via the external interface (a sync sweeps departed peers' ones)
+        sweep_other_backends(self.type_name, self.config, lease.subnet, {self.ext_iface.index})
         self._recheck.start(stop)  # a new lease for a running backend: routes of peers stay valid
 
     def apply(self, events: Iterable[Event]) -> None:

@@ -1,7 +1,8 @@
 """Helpers the kernel backends share: reading typed Backend options, turning a batch of
 lease events into the peers to remove and the peers to add, (for a sync) telling which
-peers stay and which routes a departed peer left behind, and the thread that re-checks
-peer entries when the kernel reports a change to them.
+peers stay and which routes a departed peer left behind, (at a start) removing the peer
+routes another backend of the network left, and the thread that re-checks peer entries
+when the kernel reports a change to them.
 
 A batch is coalesced per subnet (the last event wins) and removals are applied before
 additions, so that a host that moved to a new subnet keeping its VTEP MAC or public IP
@@ -17,8 +18,9 @@ import socket
 import threading
 import time
 from ipaddress import IPv4Address, IPv4Network
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
+from flannel.dataplane import netlink
 from flannel.dataplane.kstate import KernelState
 from flannel.dataplane.nlevents import ChangeMonitor
 from flannel.errors import BackendError, ConfigError
@@ -102,18 +104,70 @@ def peer_subnet_of(config: NetworkConfig, dst: IPv4Network) -> bool:
     return dst.prefixlen == config.subnet_len and dst.subnet_of(config.network)
 
 
+def _peer_routes(state: KernelState, config: NetworkConfig, skip: set) -> Iterator:
+    """Routes via a gateway to SubnetLen subnets of this network other than `skip`: the
+    only routes a backend ever removes (routes outside the overlay, routes without a
+    gateway, e.g. udp's overlay route or an address's prefix, are never flannel's peers')."""
+    for dst, routes in state.routes.items():
+        if dst not in skip and peer_subnet_of(config, dst):
+            yield from (route for route in routes if route.gateway is not None)
+
+
 def stale_routes(state: KernelState, oif: int, config: NetworkConfig, keep: Iterable) -> list:
-    """Routes via a gateway on link `oif` to subnets of this network that are not in `keep`:
-    what a peer that is gone left behind. Anything else (routes outside the overlay, routes
-    without a gateway, other links) is never ours to remove."""
-    keep = set(keep)
+    """Peer routes (see _peer_routes) on link `oif` to subnets that are not in `keep`: what
+    a peer that is gone left behind. Other links are never ours to sweep."""
+    return [route for route in _peer_routes(state, config, set(keep)) if route.oif == oif]
+
+
+def foreign_routes(state: KernelState, config: NetworkConfig, own_subnet: Optional[IPv4Network],
+                   own_links: Iterable[int], only_links: Optional[Iterable[int]] = None) -> list:
+    """Peer routes (see _peer_routes) of this network on a link not in `own_links` (and,
+    when `only_links` is given, on one of those), our own subnet's excepted: what another
+    backend of this network left, e.g. vxlan's `via <.0> dev flannel.1 onlink` or host-gw's
+    `via <PublicIP> dev eth0` after a switch to udp. Other networks' routes are outside
+    this Network and stay."""
+    own_links = set(own_links)
+    only = None if only_links is None else set(only_links)
     return [
-        route
-        for dst, routes in state.routes.items()
-        if dst not in keep and peer_subnet_of(config, dst)
-        for route in routes
-        if route.oif == oif and route.gateway is not None
+        route for route in _peer_routes(state, config, {own_subnet})
+        if route.oif not in own_links and (only is None or route.oif in only)
     ]
+
+
+def sweep_other_backends(backend: str, config: NetworkConfig, own_subnet: Optional[IPv4Network],
+                         own_links: Iterable[int] = (), vxlan_only: bool = False) -> int:
+    """Called by every backend's start: remove the routes another backend of this network
+    left (foreign_routes; `own_links` carry the starting backend's own), since they are
+    more specific than, say, udp's overlay route and would keep taking the traffic to
+    those peers. `vxlan_only` limits it to routes into flannel.<N> vxlan devices (alloc:
+    routes via the external interface may be those of the tool that routes for it).
+    Refusals are logged, not raised: the data path works for every other peer. A vxlan
+    device left without routes stays (another network's vxlan backend on this host may
+    use it, even while no route points into it yet): one info line says so. Returns how
+    many routes were removed."""
+    try:
+        devices = netlink.flannel_vxlan_links()
+        state = netlink.read_state()
+    except BackendError as exc:
+        log.error("%s backend: cannot look for routes an earlier backend left: %s", backend, exc)
+        return 0
+    removed, links = 0, set()
+    for route in foreign_routes(state, config, own_subnet, own_links,
+                                devices if vxlan_only else None):
+        try:
+            removed += netlink.remove_route(route.dst, route.oif, route.gateway, state=state)
+        except BackendError as exc:
+            log.error("%s backend: failed to remove route %s an earlier backend left: %s",
+                      backend, route, exc)
+        links.add(route.oif)
+    if removed:
+        log.info("%s backend: removed %d route(s) to peers of %s that an earlier backend left",
+                 backend, removed, config.network)
+    in_use = {route.oif for routes in state.routes.values() for route in routes}
+    for index in sorted((links & devices.keys()) - in_use):
+        log.info("vxlan device %s is left in place with no route into it (another network may "
+                 "use it; `ip link del %s` if none does)", devices[index], devices[index])
+    return removed
 
 
 def describe(value: Any) -> str:

@@ -16,7 +16,7 @@ from ipaddress import IPv4Interface
 from typing import Iterable, Optional
 
 from flannel.backend.base import Backend, ExternalInterface
-from flannel.backend.peers import split_batch
+from flannel.backend.peers import split_batch, sweep_other_backends
 from flannel.dataplane.proxy import DEFAULT_BATCH, Proxy
 from flannel.dataplane.tun import Tun, configure_tun, open_tun
 from flannel.errors import BackendError, ConfigError
@@ -69,6 +69,8 @@ class UdpBackend(Backend):
             self._release()
             raise
         self._proxy.start(stop, name="udp-proxy")
+        # every peer route via a gateway is another backend's: it would win over our /16
+        sweep_other_backends(self.type_name, self.config, lease.subnet)
         log.info("udp backend: %s on %s, UDP %s:%d, mtu %d", address, self.tun_name,
                  self.ext_iface.iface_addr, self.port, self.mtu)
 

@@ -24,7 +24,7 @@ from typing import Iterable, Optional
 from flannel.backend.base import Backend, ExternalInterface
 from flannel.backend.peers import (
     Rechecker, bool_option, current_peers, describe, int_option, peer_subnet_of, split_batch,
-    stale_routes,
+    stale_routes, sweep_other_backends,
 )
 from flannel.dataplane import netlink
 from flannel.dataplane.kstate import KernelState, VxlanSpec
@@ -97,6 +97,7 @@ class VxlanBackend(Backend):
             netlink.ensure_address(index, IPv4Interface((lease.subnet.network_address, 32)))
             netlink.ensure_link_up(index, self.mtu)
             self.lease = lease
+            sweep_other_backends(self.type_name, self.config, lease.subnet, self._links())
         self._recheck.start(stop)
         log.info("vxlan device %s ready: MAC %s, MTU %d", self.spec.name, self.mac, self.mtu)
 
@@ -146,11 +147,15 @@ class VxlanBackend(Backend):
             raise errors[0]
         return done
 
+    def _links(self) -> list:
+        """The links our peer routes are on: our device and, with DirectRouting, the
+        external interface."""
+        return [self.dev_index] + ([self.ext_iface.index] if self.direct_routing else [])
+
     def _monitor(self) -> ChangeMonitor:
         """Notifications about our device (and, with DirectRouting, the external interface
         carrying direct routes), for the re-check thread."""
-        links = {self.dev_index} | ({self.ext_iface.index} if self.direct_routing else set())
-        return ChangeMonitor(links, neighbour_links={self.dev_index})
+        return ChangeMonitor(set(self._links()), neighbour_links={self.dev_index})
 
     def stop(self) -> None:
         # only the thread ends: device and entries stay, so peers keep working across a restart
@@ -195,7 +200,7 @@ class VxlanBackend(Backend):
 
     def _stale(self, state: KernelState, keep: set, macs: set) -> list:
         """(what, remove function, its arguments) for every entry a sync removes."""
-        links = [self.dev_index] + ([self.ext_iface.index] if self.direct_routing else [])
+        links = self._links()
         stale = [
             (f"route {route}", netlink.remove_route, route.dst, route.oif, route.gateway)
             for link in links for route in stale_routes(state, link, self.config, keep)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import re
 import socket
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, ip_address
 from typing import Iterator, Optional
@@ -31,6 +32,7 @@ IFF_UP = 1
 NUD_NOARP = 0x40
 NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
+_VXLAN_NAME = re.compile(r"^flannel\.[0-9]+$")  # the vxlan backend's flannel.<VNI>
 
 
 @contextlib.contextmanager
@@ -387,6 +389,19 @@ def delete_link(index: int) -> bool:
     """Delete a link; an absent one is not an error. Returns True when one was deleted."""
     with _ipr() as ipr:
         return _nl_remove(f"delete link #{index}", ipr.link, "del", index=index)
+
+
+def flannel_vxlan_links() -> dict:
+    """{index: name} of the vxlan devices named as the vxlan backend names its own
+    (flannel.<VNI>), of any network on this host."""
+    with _ipr() as ipr:
+        links = ipr.get_links()
+    found = {}
+    for link in links:
+        name = link.get_attr("IFLA_IFNAME") or ""
+        if _VXLAN_NAME.match(name) and link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND") == "vxlan":
+            found[link["index"]] = name
+    return found
 
 
 def list_neighbours(index: int) -> dict:

@@ -1,13 +1,18 @@
 """Backend.sync of the kernel backends against a faked netlink adapter: which entries of a
 kernel dump count as left behind by departed peers, and that nothing else is touched (our
 own subnet, current peers, routes outside the overlay, other links, routes without a
-gateway). The same sweeps run against a real kernel in tests/integration/test_peer_sweep.py."""
+gateway), and the sweep a backend's start makes of the peer routes another backend of the
+network left (a backend switch). The same sweeps run against a real kernel in
+tests/integration/test_peer_sweep.py and tests/integration/test_backend_switch.py."""
 
 from ipaddress import IPv4Address, IPv4Network
 
+import logging
+
 import pytest
 
-from flannel.backend import peers
+from flannel.backend import peers, udp
+from flannel.backend.alloc import AllocBackend
 from flannel.backend.base import ExternalInterface
 from flannel.backend.hostgw import HostGwBackend
 from flannel.backend.vxlan import VxlanBackend
@@ -40,9 +45,11 @@ def route(dst, gateway, oif, onlink=False):
 class FakeNetlink:
     """read_state answers with `state`; the remove_* functions record and update it."""
 
-    def __init__(self, monkeypatch, state, refuse=()):
+    def __init__(self, monkeypatch, state, refuse=(), devices=None):
         self.state, self.refuse, self.removed = state, set(refuse), []
         monkeypatch.setattr(netlink, "read_state", lambda index=None: self.state)
+        # {index: name} of the flannel.<N> vxlan devices
+        monkeypatch.setattr(netlink, "flannel_vxlan_links", lambda: dict(devices or {}))
         monkeypatch.setattr(netlink, "remove_route", self.remove_route)
         monkeypatch.setattr(netlink, "remove_neighbour", self.remove_neighbour)
         monkeypatch.setattr(netlink, "remove_fdb", self.remove_fdb)
@@ -203,3 +210,142 @@ def test_peer_subnet_and_current_peers_helpers():
         N("10.10.1.0/26"), "host-gw", A("192.168.77.1"),
     )
     assert list(map(str, kept)) == ["10.10.0.64/26"]
+
+
+# -- a backend switch: the peer routes another backend of this network left ----------
+
+DEV2, OTHER_LINK, TUN, CNI = 11, 3, 12, 13
+VX2 = ("route", "10.10.2.0/24", DEV, "10.10.2.0")
+VX3 = ("route", "10.10.3.0/24", DEV, "10.10.3.0")
+HG4 = ("route", "10.10.4.0/24", EXT.index, "192.168.77.4")
+LINK7 = ("route", "10.10.7.0/24", OTHER_LINK, "192.168.78.7")
+
+
+def switch_routes():
+    """A host whose network 10.10.0.0/16 ran vxlan on flannel.1 (and host-gw before), next to
+    another network's routes (10.20.0.0/16, vxlan on flannel.2 and host-gw) and routes that
+    are no backend's."""
+    return [
+        route("10.10.1.0/24", None, CNI),  # our own subnet's bridge
+        route("10.10.1.0/24", "10.10.1.0", DEV, onlink=True),  # our own subnet: never, whatever it is
+        route("10.10.2.0/24", "10.10.2.0", DEV, onlink=True),  # vxlan's
+        route("10.10.3.0/24", "10.10.3.0", DEV, onlink=True),  # vxlan's
+        route("10.10.4.0/24", "192.168.77.4", EXT.index),  # host-gw's (or a DirectRouting one)
+        route("10.10.7.0/24", "192.168.78.7", OTHER_LINK),  # a peer route on some other link
+        route("10.10.0.0/16", None, TUN),  # udp's overlay route: no gateway
+        route("10.10.5.0/25", "192.168.77.5", EXT.index),  # not SubnetLen long
+        route("10.10.6.0/24", None, EXT.index),  # no gateway
+        route("10.20.2.0/24", "10.20.2.0", DEV2, onlink=True),  # another network's vxlan
+        route("10.20.3.0/24", "192.168.77.3", EXT.index),  # another network's host-gw
+        route("10.20.4.0/24", "10.20.4.0", DEV, onlink=True),  # another network, on our old device
+        route("172.16.0.0/24", "192.168.77.9", EXT.index),  # outside every overlay
+        route("0.0.0.0/0", "192.168.77.254", EXT.index),
+    ]
+
+
+def start_udp(monkeypatch, backend, own):
+    """UdpBackend.start with stand-ins for the TUN, the socket and the C proxy."""
+    class Closable:
+        fd = 7
+
+        def fileno(self):
+            return 8
+
+        def close(self):
+            pass
+
+        def start(self, stop, name):
+            pass
+
+    monkeypatch.setattr(udp, "open_tun", lambda name: Closable())
+    monkeypatch.setattr(udp, "configure_tun", lambda *args: None)
+    monkeypatch.setattr(udp, "Proxy", lambda *args: Closable())
+    monkeypatch.setattr(backend, "_bind", Closable)
+    backend.start(own, None)
+
+
+def start_vxlan(monkeypatch, backend, own):
+    monkeypatch.setattr(netlink, "ensure_vxlan", lambda spec: DEV)
+    monkeypatch.setattr(netlink, "link_mac", lambda index: "aa:aa:aa:aa:aa:aa")
+    monkeypatch.setattr(netlink, "ensure_address", lambda *args: None)
+    monkeypatch.setattr(netlink, "ensure_link_up", lambda *args: None)
+    monkeypatch.setattr(backend._recheck, "start", lambda stop: None)
+    backend.start(own, None)
+
+
+def start_hostgw(monkeypatch, backend, own):
+    monkeypatch.setattr(backend._recheck, "start", lambda stop: None)
+    backend.start(own, None)
+
+
+SWITCHES = {
+    # backend now: (class, options, how to start it, the routes its start removes)
+    "udp": (udp.UdpBackend, {}, start_udp, [VX2, VX3, HG4, LINK7]),
+    "vxlan": (VxlanBackend, {}, start_vxlan, [HG4, LINK7]),
+    "vxlan-direct": (VxlanBackend, {"DirectRouting": True}, start_vxlan, [LINK7]),
+    "host-gw": (HostGwBackend, {}, start_hostgw, [VX2, VX3, LINK7]),
+    # alloc leaves routes via other links: they may be the routing tool's that alloc serves
+    "alloc": (AllocBackend, {}, lambda mp, backend, own: backend.start(own, None), [VX2, VX3]),
+}
+
+
+@pytest.mark.parametrize("now", SWITCHES)
+def test_start_removes_the_peer_routes_another_backend_left(monkeypatch, now):
+    cls, options, start, swept = SWITCHES[now]
+    btype = now.split("-direct")[0]
+    fake = FakeNetlink(monkeypatch, KernelState.of(switch_routes(), {}, []),
+                       devices={DEV: "flannel.1", DEV2: "flannel.2"})
+    start(monkeypatch, cls(EXT, config(btype, **options)), lease("10.10.1.0/24", "192.168.77.1", btype))
+    assert sorted(fake.removed) == sorted(swept)
+    left = [r for routes in fake.state.routes.values() for r in routes]
+    assert sorted(map(str, left)) == sorted(
+        str(r) for r in switch_routes()
+        if ("route", str(r.dst), r.oif, str(r.gateway)) not in swept)
+
+
+def test_foreign_routes_in_multi_network_mode_keep_the_other_networks():
+    """Each network sweeps only its own Network's peer routes, however the links are shared."""
+    state = KernelState.of(switch_routes(), {}, [])
+    other = NetworkConfig.parse({"Network": "10.20.0.0/16", "Backend": {"Type": "udp"}})
+    found = peers.foreign_routes(state, other, N("10.20.1.0/24"), own_links=())
+    assert sorted(str(r.dst) for r in found) == ["10.20.2.0/24", "10.20.3.0/24", "10.20.4.0/24"]
+    # its own subnet stays even when it is routed via a gateway
+    assert peers.foreign_routes(state, other, N("10.20.3.0/24"), own_links=(DEV2,)) == [
+        route("10.20.4.0/24", "10.20.4.0", DEV, onlink=True)]
+
+
+def test_sweep_reports_a_vxlan_device_left_without_routes_and_keeps_it(monkeypatch, caplog):
+    """flannel.1 loses its last route (the device stays: deleting it is not the sweep's
+    job, another network's vxlan backend may use it); flannel.3 keeps another network's
+    route, so nothing is said about it."""
+    state = KernelState.of([route("10.10.2.0/24", "10.10.2.0", DEV, onlink=True),
+                            route("10.10.3.0/24", "10.10.3.0", 14, onlink=True),
+                            route("10.20.3.0/24", "10.20.3.0", 14, onlink=True)], {}, [])
+    fake = FakeNetlink(monkeypatch, state, devices={DEV: "flannel.1", 14: "flannel.3", DEV2: "flannel.2"})
+    monkeypatch.setattr(netlink, "delete_link", lambda index: pytest.fail("a device was deleted"))
+    with caplog.at_level(logging.INFO, logger="flannel.backend.peers"):
+        assert peers.sweep_other_backends("udp", config("udp"), N("10.10.1.0/24")) == 2
+    assert sorted(r[1] for r in fake.removed) == ["10.10.2.0/24", "10.10.3.0/24"]
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line for line in lines if "left in place" in line] == [
+        "vxlan device flannel.1 is left in place with no route into it (another network may use it;"
+        " `ip link del flannel.1` if none does)"]
+    assert any("removed 2 route(s) to peers of 10.10.0.0/16" in line for line in lines)
+
+
+def test_sweep_logs_a_refusal_and_goes_on(monkeypatch, caplog):
+    """A route the kernel will not remove must not keep the data path from starting."""
+    state = KernelState.of([route("10.10.2.0/24", "10.10.2.0", DEV, onlink=True),
+                            route("10.10.3.0/24", "10.10.3.0", DEV, onlink=True)], {}, [])
+    fake = FakeNetlink(monkeypatch, state, refuse={"10.10.2.0/24"}, devices={DEV: "flannel.1"})
+    assert peers.sweep_other_backends("udp", config("udp"), N("10.10.1.0/24")) == 1
+    assert [r[1] for r in fake.removed] == ["10.10.3.0/24"]
+    assert "failed to remove route 10.10.2.0/24 via 10.10.2.0 dev #10 onlink" in caplog.text
+    assert "left in place" not in caplog.text  # a route still points into flannel.1
+
+    def unreadable():
+        raise BackendError("failed to read kernel state over netlink: No buffer space available")
+
+    monkeypatch.setattr(netlink, "flannel_vxlan_links", unreadable)
+    assert peers.sweep_other_backends("udp", config("udp"), N("10.10.1.0/24")) == 0
+    assert "cannot look for routes an earlier backend left" in caplog.text
