@@ -1,7 +1,8 @@
 """Backend.sync against a real kernel, in a namespace this module creates (prefix fsw): a
 restarted backend removes what departed peers left behind, and leaves current peers, our
 own subnet, routes outside the overlay and entries flannel never makes alone. Also: a vxlan
-peer the kernel refused is programmed by the re-check thread once the kernel accepts it."""
+peer the kernel refused is programmed by the re-check thread once the kernel accepts it, and
+a backend that starts where vxlan ran before removes the peer routes vxlan left."""
 
 import contextlib
 import os
@@ -42,8 +43,8 @@ def routes(ns):
     return {r["dst"]: (r.get("gateway"), r["dev"]) for r in ip_json(ns, "-4 route show")}
 
 
-@pytest.fixture(scope="module")
-def host():
+@contextlib.contextmanager
+def bridged_host():
     """A namespace whose bridge br0 (192.168.77.1/24) is the external interface, a cni0
     bridge holding our subnet's first address, and an agent inside."""
     with netns(f"fsw{uuid.uuid4().hex[:6]}") as ns:
@@ -51,6 +52,12 @@ def host():
                " && ip link add cni0 type bridge && ip addr add 10.10.1.1/24 dev cni0 && ip link set cni0 up")
         with contextlib.closing(NsAgent(ns)) as agent:
             yield agent
+
+
+@pytest.fixture(scope="module")
+def host():
+    with bridged_host() as agent:
+        yield agent
 
 
 def restarted(agent, key, cls, btype, own_lease, **options):
@@ -165,3 +172,49 @@ def test_vxlan_entries_that_go_missing_are_restored(host):
     assert "10.10.8.0/24" not in vxlan_state(ns, dev)[2]
     assert restored() == want, "routes were not restored after the device went down and up"
     assert host.invoke("vxm", "recheck") == 0  # all in place: nothing to do
+
+
+SWITCHED = {  # the backend now: the routes the old backends left that its start removes
+    "udp": {"10.10.2.0/24", "10.10.3.0/24", "10.10.4.0/24"},
+    "host-gw": {"10.10.2.0/24", "10.10.3.0/24"},
+    # alloc keeps routes via the external interface: a routing tool's look the same
+    "alloc": {"10.10.2.0/24", "10.10.3.0/24"},
+}
+CLASSES = {"udp": "flannel.backend.udp:UdpBackend", "host-gw": "flannel.backend.hostgw:HostGwBackend",
+           "alloc": "flannel.backend.alloc:AllocBackend"}
+
+
+@pytest.mark.parametrize("now", SWITCHED)
+def test_a_backend_switch_removes_the_peer_routes_the_old_backend_left(now):
+    """The network ran vxlan (peers B and C on flannel.1; host-gw before that left D's route
+    on br0), its config now names another backend and flanneld restarts. Another network of
+    this host runs vxlan on flannel.2; and there are routes no backend made."""
+    with bridged_host() as agent:
+        ns, dev = agent.ns, "flannel.1"
+        restarted(agent, "old", "flannel.backend.vxlan:VxlanBackend", "vxlan",
+                  lease(OWN, "192.168.77.1", "vxlan", "aa:aa:aa:aa:aa:aa"))
+        agent.invoke("old", "apply", added(lease("10.10.2.0/24", "192.168.77.2", "vxlan", MAC_B),
+                                           lease("10.10.3.0/24", "192.168.77.3", "vxlan", MAC_C)))
+        agent.invoke("old", "stop")
+        sh(ns, "ip route add 10.10.4.0/24 via 192.168.77.4 dev br0"  # host-gw's
+               " && ip link add flannel.2 type vxlan id 2 dstport 8472 local 192.168.77.1 dev br0 nolearning"
+               " && ip link set flannel.2 up && ip route add 10.20.2.0/24 via 10.20.2.0 dev flannel.2 onlink"
+               " && ip route add 10.20.3.0/24 via 192.168.77.3 dev br0"  # the other network's host-gw
+               " && ip route add 172.16.5.0/24 via 192.168.77.9 dev br0"  # outside every overlay
+               " && ip route add 10.10.5.0/25 via 192.168.77.5 dev br0"  # not SubnetLen long
+               " && ip route add 10.10.6.0/24 dev br0")  # no gateway
+        before = routes(ns)
+        assert before["10.10.2.0/24"] == ("10.10.2.0", dev) and before["10.10.3.0/24"] == ("10.10.3.0", dev)
+
+        restarted(agent, "new", CLASSES[now], now, lease(OWN, "192.168.77.1", now))
+        after = routes(ns)
+        want = {dst: r for dst, r in before.items() if dst not in SWITCHED[now]}
+        if now == "udp":
+            want["10.10.0.0/16"] = (None, "flannel0")
+        assert after == want
+        # the old device stays, with its neighbours: harmless once no route points into it
+        assert vxlan_state(ns, dev)[0] == {"10.10.2.0": MAC_B, "10.10.3.0": MAC_C}
+        # a restart of the new backend finds nothing more to remove
+        agent.invoke("new", "stop")
+        restarted(agent, "again", CLASSES[now], now, lease(OWN, "192.168.77.1", now))
+        assert routes(ns) == want
