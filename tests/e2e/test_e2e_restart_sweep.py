@@ -18,18 +18,6 @@ from tests.support.netns import Cluster, Host, wait_for
 pytestmark = [pytest.mark.needs_root, pytest.mark.needs_etcd]
 
 
-def subnet_of(host: Host) -> str:
-    return str(ipaddress.ip_interface(host.read_subnet_env()["FLANNEL_SUBNET"]).network)
-
-
-def addr(host: Host) -> str:
-    return str(ipaddress.ip_interface(host.read_subnet_env()["FLANNEL_SUBNET"]).ip)
-
-
-def route_to(host: Host, subnet: str) -> dict | None:
-    return next((r for r in host.json("ip", "-4", "route", "show") if r.get("dst") == subnet), None)
-
-
 def vtep_mac(host: Host) -> str:
     return host.json("ip", "link", "show", "flannel.1")[0]["address"]
 
@@ -54,10 +42,10 @@ def cluster(request, tmp_path):
 
 def test_restart_sweeps_entries_of_a_peer_that_left_meanwhile(cluster):
     a, b, c = cluster.hosts
-    sub_b, sub_c = subnet_of(b), subnet_of(c)
+    sub_b, sub_c = b.lease_subnet(), c.lease_subnet()
     gw_c = str(ipaddress.IPv4Network(sub_c).network_address)
     for subnet in (sub_b, sub_c):
-        wait_for(lambda: route_to(a, subnet) is not None, 30, f"A to learn {subnet}")
+        wait_for(lambda: a.route_to(subnet) is not None, 30, f"A to learn {subnet}")
     if cluster.backend == "vxlan":
         mac_c = vtep_mac(c)
         assert all(vxlan_entries(a, mac_c, gw_c)), "A has no vxlan entries for C before the test"
@@ -66,20 +54,20 @@ def test_restart_sweeps_entries_of_a_peer_that_left_meanwhile(cluster):
     assert a.stop_flanneld() == 0, a.log_tail()
     assert c.stop_flanneld() == 0, c.log_tail()
     cluster.revoke_lease(sub_c)
-    wait_for(lambda: route_to(b, sub_c) is None, 30, "B (running) to drop C")
-    assert route_to(a, sub_c) is not None, "A's entries for C must outlive A's daemon"
+    wait_for(lambda: b.route_to(sub_c) is None, 30, "B (running) to drop C")
+    assert a.route_to(sub_c) is not None, "A's entries for C must outlive A's daemon"
 
     a.start_flanneld()
     a.wait_subnet_env(newer_than=stamp)
-    wait_for(lambda: route_to(a, sub_c) is None, 30, "restarted A to remove C's route")
-    assert route_to(a, sub_b) is not None, f"A lost B's route:\n{a.routes()}"
-    assert route_to(a, subnet_of(a)) is not None  # its own bridge's route, untouched
+    wait_for(lambda: a.route_to(sub_c) is None, 30, "restarted A to remove C's route")
+    assert a.route_to(sub_b) is not None, f"A lost B's route:\n{a.routes()}"
+    assert a.route_to(a.lease_subnet()) is not None  # its own bridge's route, untouched
     if cluster.backend == "vxlan":
         assert vxlan_entries(a, mac_c, gw_c) == ([], []), "C's forwarding entry or neighbour stayed"
         fdb_b, neigh_b = vxlan_entries(a, vtep_mac(b), str(ipaddress.IPv4Network(sub_b).network_address))
         assert fdb_b and fdb_b[0]["dst"] == b.ip and neigh_b, (fdb_b, neigh_b)
     else:
-        assert route_to(a, sub_b)["gateway"] == b.ip
+        assert a.route_to(sub_b)["gateway"] == b.ip
     assert "of peers that are gone" in a.log_tail(200)
-    a.wait_ping(addr(b), source=addr(a))
-    b.wait_ping(addr(a), source=addr(b))
+    a.wait_ping(b.overlay_ip(), source=a.overlay_ip())
+    b.wait_ping(a.overlay_ip(), source=b.overlay_ip())

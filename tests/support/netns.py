@@ -143,6 +143,10 @@ class Host:
         """The leased subnet as '10.10.x.0/24' (from FLANNEL_SUBNET 10.10.x.1/24)."""
         return str(ipaddress.ip_interface(self.read_subnet_env()["FLANNEL_SUBNET"]).network)
 
+    def overlay_ip(self) -> str:
+        """The lease's first address (FLANNEL_SUBNET's), which the host's bridge holds."""
+        return str(ipaddress.ip_interface(self.read_subnet_env()["FLANNEL_SUBNET"]).ip)
+
     # -- network checks -------------------------------------------------------
 
     def ping(self, dst: str, count: int = 1, size: Optional[int] = None, dont_fragment: bool = False,
@@ -179,6 +183,10 @@ class Host:
 
     def routes(self) -> str:
         return self.exec("ip", "-4", "route", "show", check=True).stdout
+
+    def route_to(self, dst: str) -> Optional[dict]:
+        """The main-table route to `dst` ('10.10.x.0/24') as `ip -j` gives it, or None."""
+        return next((r for r in self.json("ip", "-4", "route", "show") if r.get("dst") == dst), None)
 
     def fdb(self, dev: str) -> str:
         return self.exec("bridge", "fdb", "show", "dev", dev, check=True).stdout
