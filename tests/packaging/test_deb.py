@@ -1,14 +1,16 @@
 """The .deb as an administrator meets it: built by scripts/build-deb.sh, lintian-clean,
 installed with apt-get, then the installed flanneld, units, init script and mk-docker-opts.sh
 are used for real (the daemon against a test etcd on loopback with the alloc backend, its
-options from the installed /etc/flannel/options.env). Removal keeps the config files, purge
-removes everything. The tests of this module run in order and share one installation."""
+options from the installed /etc/flannel/options.env). Removal stops the daemon and keeps the
+config files, purge removes everything. The tests of this module run in order and share one
+installation."""
 
 from __future__ import annotations
 
 import json
 import os
 import glob
+import signal
 import stat
 import subprocess
 import time
@@ -19,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from flannel import __version__
-from tests.packaging.conftest import require_root, require_tools, run
+from tests.packaging.conftest import SYSTEM_PATH, require_root, require_tools, run
 from tests.integration.conftest import etcd  # noqa: F401  (the module-scoped etcd fixture)
 from tests.support.etcd import free_port
 
@@ -28,6 +30,7 @@ OPTIONS = Path("/etc/flannel/options.env")
 INIT = "/etc/init.d/flanneld"
 PIDFILE = Path("/run/flanneld.pid")
 LOGFILE = Path("/var/log/flanneld.log")
+POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
 UNITS = ["flanneld.service", "flanneld-server.service", "flanneld-server.socket"]
 NETWORK = IPv4Network("10.77.0.0/16")
 PREFIX = f"/test-packaging-{os.getpid()}/network"
@@ -119,6 +122,75 @@ def daemon_pid() -> int:
     return int(PIDFILE.read_text().strip())
 
 
+def running(pid: int) -> bool:
+    """pid is a live process (not a zombie waiting to be reaped)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+def kill_left_over_daemon(pid: int) -> None:
+    """A test's own daemon that the package failed to stop: killed, its pidfile removed."""
+    try:
+        ours = b"/usr/bin/flanneld" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        ours = False
+    if ours and running(pid):
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not running(pid), 10, f"pid {pid} to exit")
+    PIDFILE.unlink(missing_ok=True)
+
+
+def allowing_service_actions(cmd: list, tmp_path: Path) -> list:
+    """cmd, run so that maintainer scripts may stop services. Container images often carry a
+    /usr/sbin/policy-rc.d that forbids every action (Docker's exits 101), and invoke-rc.d obeys
+    it, as it must; cmd then sees a permissive one, bind-mounted over it in a mount namespace
+    of its own, so that the host's file is never changed."""
+    if not POLICY_RC_D.exists():
+        return cmd
+    require_tools("unshare", "mount")
+    allow = tmp_path / "policy-rc.d"
+    allow.write_text("#!/bin/sh\nexit 0\n")
+    allow.chmod(0o755)
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+            'mount --bind "$0" /usr/sbin/policy-rc.d && exec "$@"', allow, *cmd]
+
+
+# The service tools maintainer scripts call, replaced by stubs that log their arguments.
+SERVICE_TOOLS = ["deb-systemd-invoke", "deb-systemd-helper", "systemctl", "invoke-rc.d",
+                 "update-rc.d", "py3compile", "py3clean"]
+
+
+def maintainer_script_calls(deb: Path, script: str, args: list, tmp_path: Path) -> list:
+    """The service-tool calls the maintainer script makes when dpkg runs it with args on a
+    host where systemd is PID 1 (it is not on the test hosts): /run/systemd/system exists in
+    a mount namespace of the script's own, the tools are stubs."""
+    require_root()
+    require_tools("unshare", "mount")
+    control = tmp_path / "control"
+    if not control.exists():
+        run(["dpkg-deb", "-e", deb, control])
+    stubs, log = tmp_path / "stubs", tmp_path / f"{script}-calls"
+    stubs.mkdir(exist_ok=True)
+    log.write_text("")
+    for tool in SERVICE_TOOLS:
+        stub = stubs / tool
+        stub.write_text(f'#!/bin/sh\necho "{tool} $*" >>"{log}"\n')
+        stub.chmod(0o755)
+    run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         'mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/system && exec sh "$@"', "sh",
+         control / script, *args], env={"PATH": f"{stubs}:{SYSTEM_PATH}"})
+    return log.read_text().splitlines()
+
+
+def stopped_units(calls: list) -> set:
+    return {word for call in calls
+            if call.startswith(("deb-systemd-invoke stop", "systemctl stop"))
+            for word in call.split()[2:] if not word.startswith("-")}
+
+
 def test_lintian_finds_no_errors(built_deb):
     require_tools("lintian")
     proc = run(["lintian", "--allow-root", "--fail-on", "error", built_deb], check=False)
@@ -163,6 +235,24 @@ def test_daemon_is_enabled_for_boot_but_not_started_and_server_not_enabled(insta
     assert glob.glob("/etc/rc2.d/S??flanneld"), "init script enabled (SysV)"
     assert not glob.glob("/etc/systemd/system/*/flanneld-server.*")
     assert not PIDFILE.exists(), "installing must not start the daemon before it is configured"
+
+
+def test_removal_stops_every_unit_under_systemd(built_deb, tmp_path):
+    """What the prerm does under systemd (the init script's case is run for real below):
+    removal stops every unit, an upgrade stops none of them here."""
+    removal = maintainer_script_calls(built_deb, "prerm", ["remove"], tmp_path)
+    assert stopped_units(removal) == set(UNITS), removal
+    upgrade = maintainer_script_calls(built_deb, "prerm", ["upgrade", __version__], tmp_path)
+    assert not stopped_units(upgrade), upgrade
+
+
+def test_installing_does_not_start_the_daemon_under_systemd(built_deb, tmp_path):
+    """The postinst of a first installation under systemd leaves flanneld.service stopped: it
+    needs options.env first. (The server units may be named to deb-systemd-invoke, which
+    starts only enabled units, and installing does not enable them: checked for real above.)"""
+    calls = maintainer_script_calls(built_deb, "postinst", ["configure"], tmp_path)
+    started = [c for c in calls if c.startswith(("deb-systemd-invoke start", "systemctl start"))]
+    assert not [c for c in started if "flanneld.service" in c.split()], calls
 
 
 def test_installed_python_imports_the_compiled_module(installed):
@@ -288,3 +378,27 @@ def test_remove_keeps_config_files_and_purge_removes_them(configured):
     leftovers = [p for p in [*CONFFILES, "/etc/flannel", str(LOGFILE), ENABLED_LINK]
                  if os.path.lexists(p)] + glob.glob("/etc/rc?.d/[SK]??flanneld")
     assert not leftovers, f"left after purge: {leftovers}"
+
+
+def test_purge_stops_the_daemon_the_init_script_started(installed, built_deb, tmp_path):
+    """A purge (which removes first) of a package whose daemon runs, here one retrying an
+    unreachable etcd, stops that daemon and takes its pidfile: nothing keeps running with its
+    code deleted."""
+    env = {"DEBIAN_FRONTEND": "noninteractive"}
+    if dpkg_status() != "ii":  # the test above purged it
+        run(["apt-get", "install", "-y", "-q", "--no-install-recommends", built_deb], env=env,
+            timeout=600)
+    OPTIONS.write_text("FLANNELD_ETCD_ENDPOINTS=http://127.0.0.1:1\n")
+    start = run([INIT, "start"], check=False, timeout=60)
+    assert start.returncode == 0, start.stdout + start.stderr + log_tail()
+    pid = daemon_pid()
+    try:
+        time.sleep(1)
+        assert running(pid), f"flanneld should keep retrying etcd; {log_tail()}"
+        run(allowing_service_actions(["apt-get", "purge", "-y", "-q", PKG], tmp_path), env=env,
+            timeout=300)
+        assert dpkg_status() == ""
+        assert not running(pid), f"flanneld (pid {pid}) still runs after the purge"
+        assert not PIDFILE.exists()
+    finally:
+        kill_left_over_daemon(pid)

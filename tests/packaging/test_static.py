@@ -14,6 +14,8 @@ from tests.packaging.conftest import PACKAGING, REPO, require_tools, run
 SHELL_SCRIPTS = [
     PACKAGING / "mk-docker-opts.sh",
     PACKAGING / "deb" / "debian" / "flanneld.init",
+    PACKAGING / "deb" / "debian" / "flanneld.prerm",
+    PACKAGING / "deb" / "debian" / "flanneld.postrm",
     REPO / "scripts" / "build-deb.sh",
     REPO / "scripts" / "build-rpm.sh",
     REPO / "scripts" / "packaging-lib.sh",
@@ -45,7 +47,8 @@ def test_changelog_spec_and_man_page_carry_the_project_version():
 @pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: p.name)
 def test_shell_scripts_are_shellcheck_clean(script):
     require_tools("shellcheck")
-    proc = run(["shellcheck", "-x", "-s", "bash" if script.suffix != ".init" else "sh", script],
+    dialect = "sh" if script.suffix in (".init", ".prerm", ".postrm") else "bash"
+    proc = run(["shellcheck", "-x", "-s", dialect, script],
                check=False, cwd=script.parent)
     assert proc.returncode == 0, proc.stdout
 
