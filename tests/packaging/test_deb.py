@@ -255,6 +255,20 @@ def test_installing_does_not_start_the_daemon_under_systemd(built_deb, tmp_path)
     assert not [c for c in started if "flanneld.service" in c.split()], calls
 
 
+def test_upgrade_restarts_what_runs_under_systemd(built_deb, tmp_path):
+    """An upgrade under systemd leaves running what ran before, on the new code: nothing is
+    stopped before the new files are unpacked, and every unit is restarted once they are
+    (flanneld.service with try-restart, only if it ran; deb-systemd-invoke's restart leaves
+    the server units alone unless they are enabled or running), as the rpm does."""
+    preinst = maintainer_script_calls(built_deb, "preinst", ["upgrade", __version__], tmp_path)
+    assert not stopped_units(preinst), preinst
+    postinst = maintainer_script_calls(built_deb, "postinst", ["configure", __version__], tmp_path)
+    restarted = {word for call in postinst
+                 if call.startswith(("deb-systemd-invoke try-restart", "deb-systemd-invoke restart"))
+                 for word in call.split()[2:]}
+    assert restarted == set(UNITS), postinst
+
+
 def test_installed_python_imports_the_compiled_module(installed):
     proc = run(["/usr/bin/python3", "-c",
                 "import flannel, flannel._proxy; print(flannel.__file__, flannel._proxy.__file__)"],
