@@ -7,9 +7,11 @@ installation."""
 
 from __future__ import annotations
 
+import configparser
 import json
 import os
 import glob
+import shlex
 import signal
 import stat
 import subprocess
@@ -27,6 +29,7 @@ from tests.support.etcd import free_port
 
 PKG = "flanneld"
 OPTIONS = Path("/etc/flannel/options.env")
+SERVER_ENV = Path("/etc/flannel/server.env")
 INIT = "/etc/init.d/flanneld"
 PIDFILE = Path("/run/flanneld.pid")
 LOGFILE = Path("/var/log/flanneld.log")
@@ -44,7 +47,7 @@ PROGRAM_FILES = [
     "/lib/systemd/system/flanneld-server.socket",
     "/usr/lib/python3/dist-packages/flannel/__init__.py",
 ]
-CONFFILES = [str(OPTIONS), INIT]
+CONFFILES = [str(OPTIONS), str(SERVER_ENV), INIT]
 ENABLED_LINK = "/etc/systemd/system/multi-user.target.wants/flanneld.service"
 
 pytestmark = pytest.mark.needs_root
@@ -71,8 +74,9 @@ def installed(built_deb):
     require_tools("apt-get", "dpkg", "start-stop-daemon")
     if dpkg_status():
         pytest.skip(f"package {PKG} is already known to dpkg ({dpkg_status()}): not touching it")
-    if OPTIONS.exists() or Path(INIT).exists() or PIDFILE.exists():
-        pytest.skip(f"{OPTIONS}, {INIT} or {PIDFILE} exists and was not installed by this test")
+    if any(p.exists() for p in (OPTIONS, SERVER_ENV, Path(INIT), PIDFILE)):
+        pytest.skip(f"{OPTIONS}, {SERVER_ENV}, {INIT} or {PIDFILE} exists and was not installed "
+                    "by this test")
     try:
         run(["apt-get", "install", "-y", "-q", "--no-install-recommends", built_deb],
             env={"DEBIAN_FRONTEND": "noninteractive"}, timeout=600)
@@ -222,7 +226,8 @@ def test_installed_files_and_modes(installed):
         assert Path(path).exists(), path
     compiled = [p for p in listed if "/flannel/_proxy" in p and p.endswith(".so")]
     assert compiled, "compiled module flannel._proxy missing"
-    assert stat.S_IMODE(OPTIONS.stat().st_mode) == 0o600
+    for path in (OPTIONS, SERVER_ENV):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, f"{path} may hold the etcd password"
     for path in ("/usr/bin/flanneld", "/usr/libexec/flannel/mk-docker-opts.sh", INIT):
         assert os.access(path, os.X_OK), f"{path} is not executable"
     conffiles = run(["dpkg-query", "-W", "-f=${Conffiles}", PKG]).stdout
@@ -337,28 +342,47 @@ def test_mk_docker_opts_reads_the_daemons_subnet_file(configured, tmp_path):
     assert text.splitlines()[-1].startswith('DOCKER_NETWORK_OPTIONS=" --bip=')
 
 
-def test_server_unit_command_serves_a_socket_passed_by_systemd(configured):
-    """flanneld-server.service's ExecStart under systemd-socket-activate, which passes a
-    listening socket the way flanneld-server.socket does."""
+def server_unit_command() -> tuple:
+    """The installed flanneld-server.service's ExecStart, and the environment that its
+    EnvironmentFile gives it."""
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str
+    unit.read("/lib/systemd/system/flanneld-server.service")
+    service = unit["Service"]
+    env_file = Path(service["EnvironmentFile"].lstrip("-"))
+    env = {}
+    if env_file.exists():  # "-": a missing file is no error
+        for line in env_file.read_text().splitlines():
+            if line.strip() and not line.lstrip().startswith(("#", ";")):
+                key, _, value = line.partition("=")
+                env[key.strip()] = value.strip()
+    return shlex.split(service["ExecStart"]), env
+
+
+def serve_by_socket_activation(etcd) -> dict:
+    """Run flanneld-server.service's command line as systemd would, under
+    systemd-socket-activate (which passes a listening socket the way flanneld-server.socket
+    does) with the unit's environment, and return the network config it answers."""
     require_tools("systemd-socket-activate")
+    cmd, env = server_unit_command()
     port = free_port()
-    etcd = configured["etcd"]
     proc = subprocess.Popen(
         ["systemd-socket-activate", "-l", f"127.0.0.1:{port}",
-         "/usr/bin/flanneld", "--listen=fd://",
-         f"--etcd-endpoints={etcd.endpoint}", f"--etcd-prefix={PREFIX}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={"PATH": "/usr/bin:/bin"},
+         *[arg for k, v in env.items() for arg in ("-E", f"{k}={v}")], *cmd],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={"PATH": "/usr/bin:/bin"},
     )
     try:
         def fetch():
+            if proc.poll() is not None:
+                pytest.fail(f"{shlex.join(cmd)} exited {proc.returncode}: {proc.stderr.read()}")
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/_/config", timeout=5) as r:
                     return json.loads(r.read())
             except OSError:
                 return None
 
-        config = wait_for(fetch, 30, "the socket-activated server to answer")
-        assert config["Network"] == str(NETWORK)
+        return wait_for(fetch, 30, "the socket-activated server to answer")
     finally:
         proc.terminate()
         try:
@@ -366,6 +390,39 @@ def test_server_unit_command_serves_a_socket_passed_by_systemd(configured):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture
+def server_configured(configured):
+    """server.env pointed at the test etcd, the package's template (or no file, if the package
+    has none) put back afterwards."""
+    template = SERVER_ENV.read_text() if SERVER_ENV.exists() else None
+    etcd = configured["etcd"]
+    SERVER_ENV.write_text((template or "") + f"FLANNELD_ETCD_ENDPOINTS={etcd.endpoint}\n"
+                          f"FLANNELD_ETCD_PREFIX={PREFIX}\n")
+    yield etcd
+    if template is None:
+        SERVER_ENV.unlink()
+    else:
+        SERVER_ENV.write_text(template)
+
+
+def test_server_unit_command_serves_a_socket_passed_by_systemd(server_configured):
+    """flanneld-server.service as installed, with its options in server.env."""
+    config = serve_by_socket_activation(server_configured)
+    assert config["Network"] == str(NETWORK)
+
+
+def test_server_unit_runs_beside_a_client_configured_in_options_env(server_configured):
+    """A host whose flanneld.service is a client (FLANNELD_REMOTE in options.env) can still run
+    the server: the server's command line does not read options.env."""
+    edited = OPTIONS.read_text()
+    OPTIONS.write_text(edited + f"FLANNELD_REMOTE=127.0.0.1:{free_port()}\n")
+    try:
+        config = serve_by_socket_activation(server_configured)
+    finally:
+        OPTIONS.write_text(edited)
+    assert config["Network"] == str(NETWORK)
 
 
 def test_reinstall_keeps_the_edited_options_env(configured, built_deb):

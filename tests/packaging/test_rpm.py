@@ -19,7 +19,7 @@ def test_rpm_version_and_arch(built_rpm):
 
 def test_rpm_file_list(built_rpm):
     files = query(built_rpm, "-l").splitlines()
-    expected = ["/usr/bin/flanneld", "/etc/flannel/options.env",
+    expected = ["/usr/bin/flanneld", "/etc/flannel/options.env", "/etc/flannel/server.env",
                 "/usr/libexec/flannel/mk-docker-opts.sh"]
     expected += [f"/usr/lib/systemd/system/{unit}" for unit in UNITS]
     for path in expected:
@@ -31,13 +31,15 @@ def test_rpm_file_list(built_rpm):
     assert not [p for p in files if "/tests/" in p or p.startswith("/usr/local")]
 
 
-def test_rpm_options_env_is_a_private_noreplace_config_file(built_rpm):
-    assert query(built_rpm, "-c").splitlines() == ["/etc/flannel/options.env"]
+def test_rpm_options_files_are_private_noreplace_config_files(built_rpm):
+    config = ["/etc/flannel/options.env", "/etc/flannel/server.env"]
+    assert sorted(query(built_rpm, "-c").splitlines()) == config
     fmt = "[%{FILENAMES} %{FILEMODES:perms} %{FILEFLAGS:fflags}\\n]"
-    line = [x for x in query(built_rpm, "--qf", fmt).splitlines() if "options.env" in x][0]
-    _, perms, flags = line.split()
-    assert perms == "-rw-------"
-    assert "c" in flags and "n" in flags, f"config(noreplace) flags missing: {flags}"
+    for path in config:
+        line = [x for x in query(built_rpm, "--qf", fmt).splitlines() if x.startswith(path)][0]
+        _, perms, flags = line.split()
+        assert perms == "-rw-------", f"{path} may hold the etcd password"
+        assert "c" in flags and "n" in flags, f"{path}: config(noreplace) flags missing: {flags}"
 
 
 def test_rpm_requires_the_runtime_dependencies(built_rpm):

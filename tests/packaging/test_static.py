@@ -1,6 +1,6 @@
 """Checks of the packaging sources that need no build: versions agree, shell scripts are
-shellcheck-clean, the man page documents every flag, the unit files and options.env say
-what the issue asks for."""
+shellcheck-clean, the man page documents every flag, the unit files and the example options
+files (options.env, server.env) say what the issue asks for."""
 
 import configparser
 import re
@@ -23,6 +23,11 @@ SHELL_SCRIPTS = [
 # Go's logging flags are accepted and ignored: documented in the man page, not in options.env
 GLOG_FLAGS = {"logtostderr", "alsologtostderr", "log_dir", "stderrthreshold", "vmodule",
               "log_backtrace_at"}
+# What the client/server mode's server uses (flannel/__main__.py, run_server): etcd, its own
+# TLS (the --remote-* files), the log level.
+SERVER_FLAGS = {"etcd-endpoints", "etcd-prefix", "etcd-keyfile", "etcd-certfile", "etcd-cafile",
+                "etcd-username", "etcd-password", "remote-keyfile", "remote-certfile",
+                "remote-cafile", "verbose"}
 
 
 def unit(name: str) -> configparser.ConfigParser:
@@ -64,16 +69,36 @@ def test_man_page_documents_every_flag():
     assert proc.stderr == "", f"groff warnings: {proc.stderr}"
 
 
-def test_options_env_example_names_every_option_and_nothing_else():
-    text = (PACKAGING / "options.env").read_text()
+def env_key(flag_name: str) -> str:
+    return ENV_PREFIX + flag_name.upper().replace("-", "_")
+
+
+def example_keys(name: str) -> set:
+    """The FLANNELD_* keys an example options file shows, each commented out."""
+    text = (PACKAGING / name).read_text()
     for line in text.splitlines():
-        assert line == "" or line.startswith("#"), f"options.env must set nothing: {line!r}"
+        assert line == "" or line.startswith("#"), f"{name} must set nothing: {line!r}"
     shown = set(re.findall(rf"^#({ENV_PREFIX}[A-Z_]+)=", text, re.M))
-    known = {ENV_PREFIX + f.name.upper().replace("-", "_") for f in FLAGS}
-    assert shown <= known, f"unknown keys in options.env: {shown - known}"
-    wanted = {ENV_PREFIX + f.name.upper().replace("-", "_") for f in FLAGS
-              if f.name not in GLOG_FLAGS | {"kube-subnet-mgr"}}
+    known = {env_key(f.name) for f in FLAGS}
+    assert shown <= known, f"unknown keys in {name}: {shown - known}"
+    return shown
+
+
+def test_options_env_example_names_every_daemon_option_and_nothing_else():
+    """options.env configures flanneld.service and the init script: every option but the
+    server's --listen, which would turn that daemon into a server (the server has server.env)."""
+    shown = example_keys("options.env")
+    wanted = {env_key(f.name) for f in FLAGS
+              if f.name not in GLOG_FLAGS | {"kube-subnet-mgr", "listen"}}
     assert wanted <= shown, f"options missing from options.env: {wanted - shown}"
+    assert env_key("listen") not in shown
+
+
+def test_server_env_example_names_every_server_option_and_nothing_else():
+    """server.env configures flanneld-server.service: exactly what the server uses. Not
+    --listen (the socket comes from flanneld-server.socket), not --remote (refused with
+    --listen), nothing of the network mode."""
+    assert example_keys("server.env") == {env_key(name) for name in SERVER_FLAGS}
 
 
 def test_flanneld_service_is_a_notify_service_before_docker():
@@ -91,7 +116,9 @@ def test_flanneld_service_is_a_notify_service_before_docker():
 def test_server_units_use_socket_activation():
     sock, svc = unit("flanneld-server.socket"), unit("flanneld-server.service")
     assert sock["Socket"]["ListenStream"] == "8888"
-    assert svc["Service"]["ExecStart"] == "/usr/bin/flanneld --listen=fd://"
+    # its own options file: options.env may make this host a client (--remote)
+    assert svc["Service"]["ExecStart"] == (
+        "/usr/bin/flanneld --config-file=/etc/flannel/server.env --listen=fd://")
     assert svc["Service"]["Type"] == "notify"
-    assert svc["Service"]["EnvironmentFile"] == "-/etc/flannel/options.env"
+    assert svc["Service"]["EnvironmentFile"] == "-/etc/flannel/server.env"
     assert "flanneld-server.socket" in svc["Unit"]["Requires"].split()
