@@ -134,6 +134,10 @@ class EtcdRegistry:
             ) from exc
         except etcd.EtcdException as exc:
             raise RegistryError(f"failed to {action}: {_etcd_message(exc)}") from exc
+        except (ValueError, OSError, urllib3.exceptions.HTTPError) as exc:
+            # what python-etcd lets through from a garbled answer (e.g. a proxy's error page
+            # that is not UTF-8, UnicodeDecodeError) is store trouble, retried like any other
+            raise RegistryError(f"failed to {action}: unreadable answer from etcd: {exc}") from exc
 
     # -- network config -------------------------------------------------------------
 

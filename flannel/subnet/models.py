@@ -108,7 +108,10 @@ def _integer(text: str) -> int:
 def loads(text: str | bytes) -> Any:
     """JSON as Go's encoding/json accepts it: no NaN or Infinity, no number beyond a float64
     (Python's json takes them, and they would reach etcd and Go peers)."""
-    return json.loads(text, parse_constant=_no_constant, parse_float=_finite, parse_int=_integer)
+    try:
+        return json.loads(text, parse_constant=_no_constant, parse_float=_finite, parse_int=_integer)
+    except RecursionError:  # "[[[[..." nested deeper than the parser's stack: bad input too
+        raise ValueError("JSON nested too deeply") from None
 
 
 def _fold(doc: dict) -> dict:

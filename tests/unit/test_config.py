@@ -41,6 +41,7 @@ INVALID = [
     # (JSON, text the error must contain)
     ("", "not valid JSON"),
     ("{", "not valid JSON"),
+    ('{"Network":"10.1.0.0/16","Backend":' + "[" * 100000 + "]" * 100000 + "}", "nested too deeply"),
     ('{"Network":"10.1.0.0/16","SubnetLen":NaN}', "NaN is not JSON"),
     ('["10.1.0.0/16"]', "must be a JSON object"),
     ("{}", "Network is missing"),

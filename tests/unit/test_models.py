@@ -67,6 +67,8 @@ def test_decoding_tolerates_case_and_unknown_fields():
         ('{"PublicIP":"10.0.0.1","BackendData":{"x":-Infinity}}', "Infinity is not JSON"),
         ('{"PublicIP":"10.0.0.1","BackendData":{"x":1e999}}', "out of range"),
         ('{"PublicIP":"10.0.0.1","BackendData":{"x":1' + "0" * 400 + "}}", "out of range"),
+        # a key written to crash readers: nested deeper than the parser's stack
+        ('{"PublicIP":"10.0.0.1","BackendData":' + "[" * 100000 + "]" * 100000 + "}", "nested too deeply"),
     ],
 )
 def test_bad_lease_values_are_refused(text, message):
