@@ -56,6 +56,9 @@ class Supervisor:
         self._running: Dict[str, _Running] = {}
         self._ready = False
         self._allowed = set(opts.networks or ())
+        # the network watcher's own stop, set when the daemon stops: a watcher that dies sets
+        # it itself, while the daemon's `stop` is still clear, and _guarded reports that
+        self._watch_stop = threading.Event()
 
     @property
     def multi(self) -> bool:
@@ -85,7 +88,7 @@ class Supervisor:
     def _start_network_watcher(self) -> None:
         from flannel.subnet.watch import NetworkWatcher
 
-        watcher = NetworkWatcher(self.manager, self._networks_changed, self.stop,
+        watcher = NetworkWatcher(self.manager, self._networks_changed, self._watch_stop,
                                  timeout=self.watch_timeout)
         which = ", ".join(sorted(self._allowed)) if self._allowed else "all networks"
         log.info("watching for networks under the prefix (%s)", which)
@@ -138,6 +141,7 @@ class Supervisor:
         remove_subnet_env(self.subnet_file(network))
 
     def _stop_all(self) -> None:
+        self._watch_stop.set()
         with self._lock:
             running = list(self._running.values())
         for item in running:
@@ -170,6 +174,9 @@ class Supervisor:
             except Exception as exc:
                 log.exception("network watch failed")
                 self._on_fatal(f"network watch failed: {exc}")
+                return
+            if not self.stop.is_set():  # it died and said why: exit 1, for Restart=on-failure
+                self._on_fatal("the network watch ended while flanneld was running")
 
         return run
 

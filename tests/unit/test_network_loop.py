@@ -574,6 +574,26 @@ def test_supervisor_multi_network_watch(tmp_path, stop):
     assert not thread.is_alive() and sup.status == 0
 
 
+def test_supervisor_network_watch_that_dies_exits_1(tmp_path, stop):
+    """A dying --watch-networks watcher ends the daemon with status 1, so that systemd's
+    Restart=on-failure brings it back (it used to end with 0 and stay down)."""
+    manager = FakeManager()
+    manager.networks_results = [WatchResult(snapshot=("blue",), cursor="5")]
+    opts = SimpleNamespace(networks=[], watch_networks=True, subnet_dir=str(tmp_path),
+                           subnet_file=str(tmp_path / "single.env"), ip_masq=False,
+                           subnet_lease_renew_margin=60)
+
+    def buggy_factory(*args, **kwargs):
+        raise KeyError("a bug in starting a network")
+
+    sup = Supervisor(manager, EXT, opts, stop, notify=lambda s: None, watch_timeout=0.05,
+                     loop_factory=buggy_factory)
+    thread = threading.Thread(target=lambda: setattr(sup, "result", sup.run()), daemon=True)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive() and sup.result == 1
+
+
 def test_supervisor_fatal_loop_sets_status_1(tmp_path, stop):
     manager = FakeManager()
     manager.configs[""] = CONFIG
