@@ -40,13 +40,14 @@ def setup_logging(verbosity: int) -> None:
 def install_signals(stop: threading.Event, status: list) -> None:
     """SIGTERM/SIGINT stop the daemon. The handler only writes a byte to a pipe: setting an
     Event or starting a thread inside a handler can deadlock on a lock the interrupted main
-    thread holds. A named thread turns the byte into the stop request and arms a watchdog
-    that forces the exit if the orderly stop overruns (the daemon always stops within 5 s).
-    Further signals change nothing: a Ctrl-C often reaches flanneld twice (from the terminal
-    and from a wrapper that forwards it), and cutting the stop short would leave the
-    masquerade rules behind."""
+    thread holds. A named thread turns the byte into the stop request. A watchdog forces the
+    exit if the orderly stop overruns, whatever began it (a signal or a fatal error), so the
+    daemon always stops within 5 s. Further signals change nothing: a Ctrl-C often reaches
+    flanneld twice (from the terminal and from a wrapper that forwards it), and cutting the
+    stop short would leave the masquerade rules behind."""
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
+    asked = threading.Event()  # a signal began the stop (else a fatal error did)
 
     def handler(signum, _frame):
         try:
@@ -55,26 +56,28 @@ def install_signals(stop: threading.Event, status: list) -> None:
             pass  # pipe full: a stop is already pending
 
     def relay() -> None:
-        armed = False
         while True:
             name = signal.Signals(os.read(read_fd, 1)[0]).name
-            if armed:
+            if stop.is_set():
                 log.info("received %s while stopping; the stop goes on (at most %.1f s)",
                          name, STOP_DEADLINE)
                 continue
             log.info("received %s, stopping", name)
-            stop.set()  # perhaps set already (a fatal error): the watchdog still bounds it
-            armed = True
-            threading.Thread(target=_watchdog, args=(status,), name="stop-watchdog",
-                             daemon=True).start()
+            asked.set()
+            stop.set()
 
     threading.Thread(target=relay, name="signals", daemon=True).start()
+    threading.Thread(target=_watchdog, args=(stop, asked, status), name="stop-watchdog",
+                     daemon=True).start()
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
 
 
-def _watchdog(status: list) -> None:
+def _watchdog(stop: threading.Event, asked: threading.Event, status: list) -> None:
+    stop.wait()
     time.sleep(STOP_DEADLINE)
+    if not status[0] and not asked.is_set():
+        status[0] = EXIT_FATAL  # nobody asked for this stop: a fatal error began it
     _force_exit(status, f"stopping took longer than {STOP_DEADLINE:.1f} s")
 
 

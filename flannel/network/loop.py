@@ -370,16 +370,18 @@ class NetworkLoop:
             if self._shut:
                 return
             self._shut = True
-            if self.backend is not None and self.lease is not None:
-                try:
-                    self.backend.stop()
-                except Exception as exc:
-                    log.error("%s: failed to stop the backend: %s", self.settings.label, exc)
+            # the rules first: stopping a backend may take seconds (its threads), and the
+            # stop watchdog must not cut the teardown of the rules short
             if self._masq_on:
                 try:
                     self.masquerade.teardown(*self._masq_on)
                 except Exception as exc:
                     log.error("%s: failed to remove masquerade rules: %s", self.settings.label, exc)
+            if self.backend is not None and self.lease is not None:
+                try:
+                    self.backend.stop()
+                except Exception as exc:
+                    log.error("%s: failed to stop the backend: %s", self.settings.label, exc)
         finally:
             self._shutdown_lock.release()
 

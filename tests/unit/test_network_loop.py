@@ -488,10 +488,15 @@ def test_ip_masq_set_up_and_removed_and_written(tmp_path, stop):
     manager.on_renew = lambda: stop.set()
     masq = FakeMasq()
     loop, events = make_loop(tmp_path, manager, stop, clock=clock, ip_masq=True, masquerade=masq)
+    stopped_at_teardown = []
+    teardown = masq.teardown
+    masq.teardown = lambda *a: (stopped_at_teardown.append(loop.backend.stopped), teardown(*a))
     loop.run()
     subnet = events.ready[0].subnet
     net = IPv4Network("10.10.0.0/16")
     assert masq.calls == [("setup", net, subnet), ("teardown", net, subnet)]
+    # the rules go before the backend stops (which may take seconds the watchdog counts)
+    assert stopped_at_teardown == [0] and loop.backend.stopped == 1
     assert "FLANNEL_IPMASQ=true\n" in (tmp_path / "subnet.env").read_text()
 
 
