@@ -7,13 +7,15 @@ For overlay network N and our subnet S, in this order:
     ! -s N -d N               MASQUERADE   host -> other hosts' subnets uses the overlay
 Every rule carries the comment "flanneld masq" so it is recognisable. Set-up is idempotent:
 when all rules are present nothing changes; otherwise the present ones are removed and the
-whole set appended again, so their order is always right. Commands use `-w` to wait for the
+whole set appended again, so their order is always right. Our rules for N that are not in the
+set (left by a run that held another subnet and was killed) are removed first. Commands use `-w` to wait for the
 xtables lock instead of failing when another program holds it.
 """
 
 from __future__ import annotations
 
 import logging
+import shlex
 import shutil
 import subprocess
 from ipaddress import IPv4Network
@@ -40,25 +42,52 @@ def masquerade_rules(network: IPv4Network, subnet: IPv4Network) -> list:
     ]
 
 
-def _iptables(*args: str, check: bool = True) -> bool:
-    """Run iptables; with check=False a non-zero exit is returned as False (used for -C)."""
+def _run(*args: str) -> subprocess.CompletedProcess:
     binary = shutil.which("iptables")
     if binary is None:
         raise BackendError("--ip-masq needs the iptables command, which is not installed")
-    proc = subprocess.run(
+    return subprocess.run(
         [binary, "-w", "5", "-t", TABLE, *args], capture_output=True, text=True, timeout=30
     )
-    if proc.returncode == 0:
-        return True
-    if check:
-        raise BackendError(
-            f"failed to run iptables -t {TABLE} {' '.join(args)}: {proc.stderr.strip()}"
-        )
-    return False
+
+
+def _failed(args: tuple, proc: subprocess.CompletedProcess) -> BackendError:
+    return BackendError(f"failed to run iptables -t {TABLE} {' '.join(args)}: {proc.stderr.strip()}")
+
+
+def _iptables(*args: str) -> str:
+    """Run iptables; its output, or a BackendError with its complaint."""
+    proc = _run(*args)
+    if proc.returncode != 0:
+        raise _failed(args, proc)
+    return proc.stdout
 
 
 def _present(rule: list) -> bool:
-    return _iptables("-C", CHAIN, *rule, check=False)
+    """Whether `rule` is in the chain. Only exit status 1 means "no such rule": anything
+    else (4: the xtables lock stayed busy, say) is an error, not an absent rule, or a
+    teardown would remove nothing and the next set-up add a second copy."""
+    args = ("-C", CHAIN, *rule)
+    proc = _run(*args)
+    if proc.returncode in (0, 1):
+        return proc.returncode == 0
+    raise _failed(args, proc)
+
+
+def _stale_rules(network: IPv4Network, keep: list) -> list:
+    """Our rules for `network` that are not in `keep`: e.g. the RETURN rule for the subnet
+    held before a kill -9 and a restart with another lease. Other networks' rules stay."""
+    n = str(network)
+    stale = []
+    for line in _iptables("-S", CHAIN).splitlines():
+        words = shlex.split(line)
+        if words[:2] != ["-A", CHAIN] or COMMENT not in words:
+            continue
+        rule = words[2:]
+        source = rule[rule.index("-s") + 1] if "-s" in rule else None
+        if source == n and rule not in keep:
+            stale.append(rule)
+    return stale
 
 
 def _delete_all(rule: list) -> int:
@@ -73,6 +102,9 @@ def _delete_all(rule: list) -> int:
 def setup_masquerade(network: IPv4Network, subnet: IPv4Network) -> None:
     """Install the masquerade rules for `network` with our `subnet`; no-op when present."""
     rules = masquerade_rules(network, subnet)
+    for rule in _stale_rules(network, rules):
+        _iptables("-D", CHAIN, *rule)
+        log.info("removed a stale ip-masq rule: %s", " ".join(rule))
     if all(_present(rule) for rule in rules):
         log.debug("ip-masq rules for %s already present", network)
         return

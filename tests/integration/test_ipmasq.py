@@ -101,6 +101,23 @@ def test_partial_set_is_rebuilt_in_order(hosts, agent, clean):
     assert [rule for _c, rule in our_rules(host)] == expected_rules()
 
 
+def test_rules_of_an_earlier_subnet_are_replaced_and_other_networks_kept(hosts, agent, clean):
+    """kill -9, then a restart with another lease: the old subnet's RETURN rule would keep
+    host traffic to that subnet (now a peer's) from being masqueraded."""
+    host = hosts[0]
+    other_net, other_sub = IPv4Network("10.30.0.0/16"), IPv4Network("10.30.1.0/24")
+    old = IPv4Network("10.10.7.0/24")
+    agent.call(IPM + "setup_masquerade", other_net, other_sub)  # another network's rules
+    try:
+        agent.call(IPM + "setup_masquerade", NETWORK, old)  # the run that was killed
+        agent.call(IPM + "setup_masquerade", NETWORK, SUBNET)
+        ours = [rule for _c, rule in our_rules(host) if "10.30." not in rule]
+        assert ours == expected_rules()
+        assert sum("10.30." in rule for _c, rule in our_rules(host)) == 4
+    finally:
+        agent.call(IPM + "teardown_masquerade", other_net, other_sub)
+
+
 def test_traffic_leaving_the_overlay_is_masqueraded(hosts, agent, clean):
     host, _outside = hosts
     # without the rules the outside host cannot answer an overlay source address
