@@ -132,7 +132,13 @@ class NetworkLoop:
         lease = self._acquire(prefer)
         if lease is None:
             return
-        self._publish(config, lease)
+        with self._shutdown_lock:
+            # a stop that came while etcd was slow to answer has already shut us down (the
+            # network retired, its subnet file removed): publishing now would leave a data
+            # path, masquerade rules and a subnet file that nobody removes
+            if self._shut or self.stop.is_set():
+                return
+            self._publish(config, lease)
         self._start_watchers(lease.subnet)
         self._keep(lease)
 

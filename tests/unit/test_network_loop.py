@@ -425,6 +425,33 @@ def test_a_refusal_for_good_is_fatal_with_its_message_and_no_traceback(tmp_path,
     assert "403" in caplog.text and not any(r.exc_info for r in caplog.records)
 
 
+def test_a_stop_during_a_slow_acquire_publishes_nothing(tmp_path, stop):
+    """A network retired (or the daemon stopped) while etcd is slow to grant the lease: the
+    lease that arrives afterwards starts no backend, adds no rules and writes no file."""
+    manager = FakeManager()
+    manager.configs[""] = CONFIG
+    entered, release = threading.Event(), threading.Event()
+    acquire = manager.acquire_lease
+
+    def slow_acquire(*args, **kwargs):
+        entered.set()
+        release.wait(10)
+        return acquire(*args, **kwargs)
+
+    manager.acquire_lease = slow_acquire
+    masq = FakeMasq()
+    loop, events = make_loop(tmp_path, manager, stop, ip_masq=True, masquerade=masq)
+    thread = run_thread(loop)
+    assert entered.wait(10)
+    stop.set()
+    loop.shutdown()  # as the supervisor's retire does after its join times out
+    release.set()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert masq.calls == [] and not events.ready and not (tmp_path / "subnet.env").exists()
+    assert FakeBackend.instances[-1].started == []
+
+
 # -- config, acquire, publish ------------------------------------------------------------
 
 
