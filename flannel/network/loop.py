@@ -98,6 +98,7 @@ class NetworkLoop:
         # (it died), the loop's `stop` is still clear and the guard reports a fatal error
         self._watch_stop = threading.Event()
         self._threads: list = []
+        self._peers = None  # the LeaseWatcher, once the lease is published
         self._masq_on: Optional[tuple] = None
         self._shutdown_lock = threading.Lock()
         self._shut = False
@@ -228,6 +229,7 @@ class NetworkLoop:
         peers = LeaseWatcher(self.manager, self.settings.network, subnet, self._apply,
                              self._watch_stop, timeout=self.settings.watch_timeout,
                              on_snapshot=self._sync)
+        self._peers = peers
         base = f"net-{self.settings.network or 'default'}"
         for name, target in ((f"{base}-peers", peers.run), (f"{base}-lease", self._watch_own)):
             thread = threading.Thread(target=self._guard(target), name=name, daemon=True)
@@ -252,7 +254,12 @@ class NetworkLoop:
         try:
             self.backend.apply(list(events))
         except FlannelError as exc:
-            log.error("%s: failed to apply peer changes: %s", self.settings.label, exc)
+            # the watcher counts these events as delivered: have it deliver everything
+            # again from a fresh snapshot (applying is idempotent), or the peers of a
+            # failed batch would stay unprogrammed until some later snapshot
+            log.error("%s: failed to apply peer changes, applying all peers again: %s",
+                      self.settings.label, exc)
+            self._peers.request_resync()
 
     def _sync(self, leases: list) -> None:
         """Every snapshot of the peers: the backend sweeps entries of peers that are gone

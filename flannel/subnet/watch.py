@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 FIRST_BACKOFF = 1.0
 MAX_BACKOFF = 10.0
+RESYNC_BACKOFF = 60.0  # a consumer that keeps failing gets everything again at most this often
 
 
 class _WatchLoop:
@@ -36,6 +37,8 @@ class _WatchLoop:
         self.max_backoff = max_backoff
         self.cursor: Optional[str] = None
         self._failing = False
+        self._resync = threading.Event()  # set by request_resync(), from a consumer
+        self._resync_delay = FIRST_BACKOFF
 
     def run(self) -> None:
         """Blocking loop until `stop` is set (a thread target). If a consumer callback
@@ -66,6 +69,25 @@ class _WatchLoop:
             self._take(result)
             if result.cursor is not None:
                 self.cursor = result.cursor
+            if self._resync.is_set():
+                self._start_over()
+
+    def request_resync(self) -> None:
+        """The consumer could not apply what it was given (e.g. the kernel refused for a
+        moment): start over from a fresh snapshot, in which everything counts as new, so
+        that nothing stays lost until the next snapshot happens to come. Waits double from
+        1 s up to RESYNC_BACKOFF while the consumer keeps failing."""
+        self._resync.set()
+
+    def _start_over(self) -> None:
+        self._resync.clear()
+        self.cursor = None
+        self._forget()
+        self.stop.wait(self._resync_delay)
+        self._resync_delay = min(self._resync_delay * 2, RESYNC_BACKOFF)
+
+    def _forget(self) -> None:
+        """Drop what the consumer was told (subclasses)."""
 
     def _poll(self) -> WatchResult:
         raise NotImplementedError
@@ -118,6 +140,11 @@ class LeaseWatcher(_WatchLoop):
             batch = [e for e in (self._fold(e) for e in result.events) if e is not None]
         if batch:
             self.on_batch(batch)
+            if not self._resync.is_set():
+                self._resync_delay = FIRST_BACKOFF  # the consumer took it: failures are over
+
+    def _forget(self) -> None:
+        self.known = {}
 
     def _diff(self, now: Dict[IPv4Network, Lease]) -> List[Event]:
         batch = [Event.removed(subnet) for subnet in self.known if subnet not in now]

@@ -565,6 +565,31 @@ def test_a_failing_sync_is_logged_and_the_peers_still_applied(tmp_path, stop, ca
                for r in caplog.records if r.levelno == logging.ERROR)
 
 
+class ApplyFailsOnce(FakeBackend):
+    def apply(self, events):
+        super().apply(events)
+        if sum(c[0] == "apply" for c in self.calls) == 1:  # the first batch only
+            raise BackendError("failed to read kernel state over netlink: No buffer space available")
+
+
+def test_a_failed_apply_is_made_good_from_a_fresh_snapshot(tmp_path, stop, caplog):
+    """The kernel refused a batch for a moment: the peers are applied again (with a sync)
+    from a new snapshot instead of staying unprogrammed."""
+    manager, peer = manager_with_a_peer()
+    loop, events = make_loop(tmp_path, manager, stop)
+    loop.backend_factory = lambda type_name, ext, config: ApplyFailsOnce(ext, config)
+    thread = run_thread(loop)
+    assert wait_for(lambda: FakeBackend.instances and
+                    sum(c[0] == "apply" for c in FakeBackend.instances[-1].calls) >= 2)
+    backend = FakeBackend.instances[-1]
+    stop.set()
+    thread.join(5)
+    assert [c[0] for c in backend.calls[:4]] == ["sync", "apply", "sync", "apply"]
+    assert [e.lease.subnet for e in backend.applied] == [peer.subnet, peer.subnet]
+    assert not events.fatal
+    assert any("applying all peers again" in r.getMessage() for r in caplog.records)
+
+
 def test_stop_while_waiting_for_config_is_prompt(tmp_path, stop):
     manager = FakeManager()  # no config at all
     loop, events = make_loop(tmp_path, manager, stop)
