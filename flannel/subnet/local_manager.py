@@ -155,9 +155,11 @@ class LocalManager(SubnetManager):
         )
         deleted = set()
         try:
-            for raw in own:
+            for i, raw in enumerate(own):
                 if config.in_range(raw.lease.subnet):
-                    return self._reuse(network, raw, attrs)
+                    lease = self._reuse(network, raw, attrs)
+                    self._drop_other_leases(network, lease.subnet, own[i + 1:])
+                    return lease
                 log.info(
                     "deleting lease %s of %s: it does not fit the network config any more",
                     raw.lease.subnet, attrs.public_ip,
@@ -170,6 +172,20 @@ class LocalManager(SubnetManager):
         except (CompareFailed, NotFoundError) as exc:
             log.debug("compare-and-swap lost: %s", exc)
             return None
+
+    def _drop_other_leases(self, network: str, kept: IPv4Network, others: List[RawLease]) -> None:
+        """One host, one lease: the other leases with our PublicIP (the one we held before a
+        reservation moved us, say) would stay routed to us for a day and come back as "ours"
+        when the kept one is lost. Reservations stay: they are the administrator's word."""
+        for raw in others:
+            if raw.lease.is_reservation:
+                continue
+            try:
+                self.registry.delete_subnet(network, raw.lease.subnet, prev_index=raw.modified_index)
+            except (CompareFailed, NotFoundError):
+                continue  # changed or gone meanwhile: not ours to decide any more
+            log.info("deleted lease %s of network %s: this host holds %s now", raw.lease.subnet,
+                     _net_name(network), kept)
 
     def _reuse(self, network: str, raw: RawLease, attrs: LeaseAttrs) -> Lease:
         ttl = None if raw.lease.is_reservation else self.ttl

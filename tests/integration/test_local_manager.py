@@ -154,6 +154,27 @@ def test_renewal_extends_the_ttl_and_keeps_the_value(etcd, prefix):
     assert renewed.expiration > lease.expiration
 
 
+def test_a_host_moved_by_a_reservation_gives_up_its_old_lease(etcd, prefix):
+    """One host, one lease: the old lease would stay routed to the host for a day and come
+    back as "ours" (not the reserved subnet) when the reserved one is lost."""
+    put_config(etcd, prefix)
+    old = manager(etcd, prefix).acquire_lease("", attrs(5))
+    pinned = IPv4Network("10.10.50.0/24") if old.subnet != IPv4Network("10.10.50.0/24") \
+        else IPv4Network("10.10.51.0/24")
+    other = manager(etcd, prefix).acquire_lease("", attrs(6))
+    mgr = manager(etcd, prefix)
+    mgr.add_reservation("", Reservation(pinned, IPv4Address("192.168.77.5")))
+    moved = manager(etcd, prefix).acquire_lease("", attrs(5))
+    assert moved.subnet == pinned
+    with pytest.raises(etcd_lib.EtcdKeyNotFound):
+        node(etcd, prefix, old.subnet)
+    assert node(etcd, prefix, other.subnet).value == '{"PublicIP":"192.168.77.6"}'
+    # the reservation removed and its key lost later: the host gets the same subnet back
+    mgr.remove_reservation("", pinned)
+    mgr.revoke_lease("", pinned)
+    assert manager(etcd, prefix).acquire_lease("", attrs(5), prefer=pinned).subnet == pinned
+
+
 def test_reservations(etcd, prefix):
     put_config(etcd, prefix)
     mgr = manager(etcd, prefix)
