@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import shlex
 import shutil
+import signal
 import subprocess
 from ipaddress import IPv4Network
 
@@ -46,13 +47,20 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     binary = shutil.which("iptables")
     if binary is None:
         raise BackendError("--ip-masq needs the iptables command, which is not installed")
+    # a session of its own: a Ctrl-C reaches the terminal's whole process group, and an
+    # iptables killed by it in the middle of the stop would leave our rules behind
     return subprocess.run(
-        [binary, "-w", "5", "-t", TABLE, *args], capture_output=True, text=True, timeout=30
+        [binary, "-w", "5", "-t", TABLE, *args], capture_output=True, text=True, timeout=30,
+        start_new_session=True,
     )
 
 
 def _failed(args: tuple, proc: subprocess.CompletedProcess) -> BackendError:
-    return BackendError(f"failed to run iptables -t {TABLE} {' '.join(args)}: {proc.stderr.strip()}")
+    if proc.returncode < 0:
+        why = f"killed by {signal.Signals(-proc.returncode).name}"
+    else:
+        why = proc.stderr.strip() or f"exit status {proc.returncode}"
+    return BackendError(f"failed to run iptables -t {TABLE} {' '.join(args)}: {why}")
 
 
 def _iptables(*args: str) -> str:

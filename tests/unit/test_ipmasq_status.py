@@ -37,3 +37,25 @@ def test_a_busy_lock_is_an_error_and_teardown_deletes_nothing_blindly(monkeypatc
     with pytest.raises(BackendError, match="xtables lock"):
         ipmasq.teardown_masquerade(IPv4Network("10.10.0.0/16"), IPv4Network("10.10.5.0/24"))
     assert [c[0] for c in calls] == ["-C"]  # it stopped at the first unanswerable question
+
+
+def test_a_killed_or_silent_iptables_is_named_as_such(monkeypatch):
+    for code, text in ((-2, "killed by SIGINT"), (3, "exit status 3")):
+        run, _calls = _answering(code)
+        monkeypatch.setattr(ipmasq, "_run", run)
+        with pytest.raises(BackendError, match=text):
+            ipmasq._present(["-j", "RETURN"])
+
+
+def test_iptables_runs_in_a_session_of_its_own(monkeypatch):
+    """So that the Ctrl-C sent to flanneld's process group does not kill it mid-teardown."""
+    seen = {}
+
+    def fake_run(argv, **kwargs):
+        seen.update(kwargs)
+        return subprocess.CompletedProcess(argv, 0, "", "")
+
+    monkeypatch.setattr(ipmasq.shutil, "which", lambda name: "/usr/sbin/iptables")
+    monkeypatch.setattr(ipmasq.subprocess, "run", fake_run)
+    assert ipmasq._present(["-j", "RETURN"]) is True
+    assert seen.get("start_new_session") is True
