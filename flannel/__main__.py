@@ -24,6 +24,9 @@ STOP_DEADLINE = 4.5  # seconds from a stop request to a forced exit
 LIBRARY_DEBUG = 5    # the -v level from which the libraries' debug messages are logged too
 
 
+LIBRARIES = ("urllib3", "etcd", "pyroute2", "werkzeug", "asyncio")
+
+
 def setup_logging(verbosity: int) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbosity > 0 else logging.INFO,
@@ -31,10 +34,15 @@ def setup_logging(verbosity: int) -> None:
         stream=sys.stderr,
     )
     # the libraries' own debug output (pyroute2 alone writes hundreds of lines at start)
-    # only from LIBRARY_DEBUG on: -v and -v=2 are for flanneld's own debug messages
+    # only from LIBRARY_DEBUG on: -v and -v=2 are for flanneld's own debug messages. A
+    # filter on the handler, since pyroute2 resets its loggers' level when it is imported
     if verbosity < LIBRARY_DEBUG:
-        for name in ("urllib3", "etcd", "pyroute2", "werkzeug", "asyncio"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_quiet_libraries)
+
+
+def _quiet_libraries(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or record.name.split(".", 1)[0] not in LIBRARIES
 
 
 def install_signals(stop: threading.Event, status: list) -> None:
