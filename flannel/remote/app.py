@@ -25,7 +25,9 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed
 from werkzeug.wrappers import Request, Response
 from werkzeug.wsgi import ClosingIterator
 
-from flannel.errors import FlannelError, NotFoundError, PermissionDenied, RegistryError, RemoteError
+from flannel.errors import (
+    FlannelError, LeaseTakenError, NotFoundError, PermissionDenied, RegistryError, RemoteError,
+)
 from flannel.remote import api
 from flannel.remote.fanout import FanOut, WatchHub
 from flannel.remote.tls import peer_ips
@@ -128,7 +130,7 @@ class Application:
             raise RemoteError(f"lease body is for {lease.subnet} but the URL names {subnet}")
         action = f"renew the lease of {subnet}"
         self._authorize(request, lease.attrs.public_ip, action)
-        self._authorize_holder(request, network, subnet, action)
+        self._authorize_holder(request, network, subnet, action, claimed=lease.attrs.public_ip)
         return _json(self.manager.renew_lease(network, lease).to_dict())
 
     def _lease_delete(self, request, network, subnet):
@@ -223,11 +225,14 @@ class Application:
         return peer_ips(request.environ.get("werkzeug.socket"))
 
     def _authorize_holder(
-        self, request, network: str, subnet: IPv4Network, action: str
+        self, request, network: str, subnet: IPv4Network, action: str,
+        claimed: Optional[IPv4Address] = None,
     ) -> Optional[IPv4Address]:
         """With client certificates, the lease as stored must be the client's too (a body
         can claim any PublicIP); its holder is returned for a compare-and-delete. None
-        without client certificates."""
+        without client certificates. A renewal (`claimed`: the client's own PublicIP, already
+        authorised) of a lease another host holds now is told so (409), as without client
+        certificates, not refused as if the certificate were wrong."""
         if self._identity(request) is None:
             return None
         current = self.manager.watch_lease(network, subnet, None, 0.0)
@@ -235,6 +240,11 @@ class Application:
         if not leases:
             raise NotFoundError(f"no lease for {subnet} in network {network or '(default)'}")
         holder = leases[0].attrs.public_ip
+        if claimed is not None and holder != claimed:
+            raise LeaseTakenError(
+                f"lease {subnet} of network {network or '(default)'} is now held by {holder}, "
+                f"not by {claimed}"
+            )
         self._authorize(request, holder, action)
         return holder
 

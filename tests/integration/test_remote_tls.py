@@ -8,7 +8,9 @@ import ssl
 import pytest
 import trustme
 
-from flannel.errors import LeaseError, OptionsError, PermissionDenied, RegistryError, RemoteError
+from flannel.errors import (
+    LeaseError, LeaseTakenError, OptionsError, PermissionDenied, RegistryError, RemoteError,
+)
 from flannel.remote.client import RemoteManager
 from flannel.remote.server import Server
 from flannel.subnet.models import Lease
@@ -119,7 +121,9 @@ def test_a_client_acts_only_for_its_own_public_ip(manager, files):
             host1.acquire_lease("", attrs(2))
         with pytest.raises(PermissionDenied, match="renew"):
             host1.renew_lease("", lease2)
-        with pytest.raises(PermissionDenied, match="renew"):  # lying about the owner in the body
+        # claiming host2's subnet as its own: refused as any host is whose lease was taken
+        # over (409, nothing written), not as if host1's certificate were wrong
+        with pytest.raises(LeaseTakenError, match="held by 192.168.77.2, not by 192.168.77.1"):
             host1.renew_lease("", Lease(lease2.subnet, attrs(1), lease2.expiration))
         with pytest.raises(PermissionDenied, match="revoke"):
             host1.revoke_lease("", lease2.subnet)
