@@ -118,7 +118,9 @@ class RemoteManager(SubnetManager):
             # a server we cannot verify is a setup error; any other TLS failure (a reset
             # mid-handshake, our certificate refused) is retried like an unreachable server
             kind = RemoteError if _chain_has(exc, ssl.SSLCertVerificationError) else RegistryError
-            raise kind(f"failed to {action}: TLS with {self.base} failed: {_reason(exc)}") from exc
+            raise kind(
+                f"failed to {action}: TLS with {self.base} failed: {_reason(exc)}{self._tls_hint(exc)}"
+            ) from exc
         except requests.exceptions.ReadTimeout:
             raise
         except requests.exceptions.RequestException as exc:
@@ -140,11 +142,18 @@ class RemoteManager(SubnetManager):
             raise RegistryError(f"failed to {action}: server {self.base} did not answer in time") from exc
 
     def _tls_hint(self, exc: Exception) -> str:
-        """A plain-HTTP client of an HTTPS server sees its connection dropped: say why."""
-        if self.base.startswith("https:") or not _chain_has(
-                exc, (ConnectionResetError, http.client.RemoteDisconnected, http.client.BadStatusLine)):
+        """What a TLS mismatch looks like from here, said in words: a plain-HTTP client of
+        an HTTPS server has its connection reset (not merely closed, as by a server that
+        died); a client without a certificate, where the server demands one, sees the
+        handshake fail, often with no more than an EOF."""
+        if self.base.startswith("https:"):
+            if self._cert is None and not _chain_has(exc, ssl.SSLCertVerificationError):
+                return (" (if the server requires client certificates, give "
+                        "--remote-certfile and --remote-keyfile)")
             return ""
-        return " (if the server serves HTTPS, give --remote-cafile, and a client certificate if it asks for one)"
+        reset = any(isinstance(e, ConnectionResetError)
+                    and not isinstance(e, http.client.RemoteDisconnected) for e in _causes(exc))
+        return " (if the server serves HTTPS, give --remote-cafile)" if reset else ""
 
     # -- SubnetManager --------------------------------------------------------
 

@@ -104,8 +104,11 @@ def test_client_certificates_are_required_and_must_come_from_the_ca(manager, fil
         for pair in (None, files.stranger):
             with pytest.raises((ssl.SSLError, ConnectionError)):
                 _handshake(srv, files, pair)
-            with pytest.raises((RemoteError, RegistryError)):
+            with pytest.raises((RemoteError, RegistryError)) as refused:
                 client_for(srv, files, pair).get_network_config("")
+            # a client that sent no certificate is told what the server may want
+            hint = "give --remote-certfile and --remote-keyfile"
+            assert (hint in str(refused.value)) is (pair is None)
         # the refused handshakes did not hurt the server
         assert client_for(srv, files, files.host1).get_network_config("").subnet_len == 24
 

@@ -534,3 +534,40 @@ def test_idle_hubs_stop_and_come_back_on_demand():
         assert [str(l.attrs.public_ip) for l in items] == ["192.168.77.3"]
     finally:
         fanout.close()
+
+
+def _one_shot_server(reset: bool):
+    """A TCP server on loopback that reads a request and then closes the connection
+    (reset: with an RST, as a TLS server does to a plain-HTTP request; else a plain close,
+    as a server that died)."""
+    import socket
+    import struct
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+
+    def serve():
+        conn, _ = listener.accept()
+        conn.recv(4096)
+        if reset:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+        listener.close()
+
+    threading.Thread(target=serve, name="one-shot", daemon=True).start()
+    return listener.getsockname()[1]
+
+
+@pytest.mark.parametrize("reset, hinted", [(True, True), (False, False)])
+def test_the_https_hint_only_for_a_reset_connection(reset, hinted):
+    from flannel.remote.client import RemoteManager
+
+    port = _one_shot_server(reset)
+    client = RemoteManager(f"127.0.0.1:{port}")
+    try:
+        with pytest.raises(RegistryError) as refused:
+            client.get_network_config("")
+    finally:
+        client.close()
+    assert ("serves HTTPS, give --remote-cafile" in str(refused.value)) is hinted
