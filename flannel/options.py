@@ -294,7 +294,8 @@ def build_parser(config_files: Sequence[str]) -> configargparse.ArgParser:
         allow_abbrev=False,
     )
     for flag in FLAGS:
-        names = [f"--{flag.name}"] + ([f"-{flag.short}"] if flag.short else [])
+        # Go's flag package takes --v=2 as readily as -v=2
+        names = [f"--{flag.name}"] + ([f"-{flag.short}", f"--{flag.short}"] if flag.short else [])
         shown = flag.default if flag.default not in (None, "", False, 0) else None
         text = flag.help + (f" (default {shown})" if shown is not None else "")
         kwargs: dict = {"help": text, "default": flag.default}

@@ -57,7 +57,8 @@ def test_go_to_gnu_leaves_values_and_unknown_single_dash_alone():
     assert go_to_gnu(argv) == ["--iface=eth0", "-v", "-x", "--public-ip", "--etcd-prefix", "--", "-iface"]
 
 
-@pytest.mark.parametrize("argv, level", [([], 0), (["-v"], 1), (["-vv"], 2), (["-v=3"], 3), (["--verbose=2"], 2)])
+@pytest.mark.parametrize("argv, level", [([], 0), (["-v"], 1), (["-vv"], 2), (["-v=3"], 3), (["--verbose=2"], 2),
+                                         (["--v=2"], 2), (["--v", "4"], 4)])
 def test_verbosity(argv, level):
     assert parse(argv).verbose == level
 
