@@ -105,11 +105,24 @@ class EtcdRegistry:
                 last = exc
                 log.debug("etcd endpoint %s failed: %s", self.endpoints[index], exc)
                 continue
+            except etcd.EtcdException as exc:
+                if not _member_trouble(exc):
+                    raise
+                # this member cannot serve now (no leader, raft trouble, a 5xx): another may
+                # (writes compare-and-swap, so one that did land before the error is harmless)
+                last = exc
+                log.debug("etcd endpoint %s answered %s", self.endpoints[index], _etcd_message(exc))
+                continue
             if index != start:
                 with self._lock:
                     self._current = index
                 log.info("switched to etcd endpoint %s", self.endpoints[index])
             return result
+        if isinstance(last, etcd.EtcdException) and not isinstance(last, etcd.EtcdConnectionFailed):
+            raise RegistryError(
+                f"failed to {action}: no etcd endpoint of {', '.join(self.endpoints)} can serve "
+                f"now: {_etcd_message(last)}"
+            ) from last
         cause = _connection_cause(last)
         raise RegistryError(
             f"failed to {action}: cannot reach etcd at {', '.join(self.endpoints)}: {cause}"
@@ -340,6 +353,17 @@ def _etcd_message(exc: Exception) -> str:
     message = payload.get("message") or str(exc)
     cause = payload.get("cause")
     return f"{message} ({cause})" if cause else message
+
+
+def _member_trouble(exc: Exception) -> bool:
+    """An answer that says this member is unwell rather than that the request is wrong:
+    no leader, raft trouble, a 5xx, or a page that is not etcd's JSON (a proxy's)."""
+    payload = getattr(exc, "payload", None) or {}
+    status = payload.get("status") if isinstance(payload, dict) else None
+    code = payload.get("errorCode") if isinstance(payload, dict) else None
+    unreadable = isinstance(payload, dict) and payload.get("message") == "Bad response"
+    return (isinstance(exc, etcd.EtcdLeaderElectionInProgress) or code == 300 or unreadable
+            or (isinstance(status, int) and status >= 500))
 
 
 def _connection_cause(exc: Optional[Exception]) -> str:

@@ -1,6 +1,8 @@
-"""A garbled answer where etcd should be (a proxy's error page in Latin-1, say) is store
-trouble, retried like an outage, never an exception that ends the daemon. The "etcd" here is
-a plain HTTP server on loopback that answers every request with such a page."""
+"""etcd members that answer but cannot serve: a raft error (errorCode 300, HTTP 500), a
+proxy's HTML error page, a page that is not even UTF-8. Each is store trouble: the registry
+moves on to the next endpoint, and when none can serve it raises a RegistryError, retried
+like an outage, never an exception that ends the daemon. The unwell "members" are plain HTTP
+servers on loopback; the healthy one is a real etcd."""
 
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -10,38 +12,59 @@ import pytest
 from flannel.errors import RegistryError
 from flannel.subnet.etcd_registry import EtcdRegistry
 
+CONFIG = '{"Network": "10.10.0.0/16"}'
+ANSWERS = {
+    "raft": (500, "application/json", b'{"errorCode":300,"message":"Raft Internal Error","index":9}'),
+    "proxy": (503, "text/html", b"<html><body>Service Unavailable</body></html>"),
+    "latin1": (502, "text/html; charset=iso-8859-1", "Passerelle défaillante".encode("latin-1")),
+}
 
-class _ProxyErrorPage(BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = "Passerelle défaillante".encode("latin-1")  # not UTF-8
-        self.send_response(502)
-        self.send_header("Content-Type", "text/html; charset=iso-8859-1")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
 
-    do_PUT = do_POST = do_DELETE = do_GET
+def _member(kind: str):
+    status, ctype, body = ANSWERS[kind]
 
-    def log_message(self, *args):
-        pass
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_PUT = do_POST = do_DELETE = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, name=f"member-{kind}", daemon=True).start()
+    return server
 
 
 @pytest.fixture
-def garbling_proxy():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _ProxyErrorPage)
-    thread = threading.Thread(target=server.serve_forever, name="garbling-proxy", daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+def unwell():
+    servers = {kind: _member(kind) for kind in ANSWERS}
+    yield {kind: f"http://127.0.0.1:{srv.server_address[1]}" for kind, srv in servers.items()}
+    for srv in servers.values():
+        srv.shutdown()
+        srv.server_close()
 
 
-def test_an_unreadable_error_page_is_a_registry_error(garbling_proxy):
-    registry = EtcdRegistry(garbling_proxy, "/garbled")
+@pytest.mark.parametrize("kind", sorted(ANSWERS))
+def test_a_member_that_cannot_serve_is_a_registry_error(unwell, kind):
+    registry = EtcdRegistry(unwell[kind], "/unwell")
     try:
-        for call in (lambda: registry.get_network_config(""),
-                     lambda: registry.get_subnets("")):
+        for call in (lambda: registry.get_network_config(""), lambda: registry.get_subnets("")):
             with pytest.raises(RegistryError, match="failed to"):
                 call()
+    finally:
+        registry.close()
+
+
+def test_the_next_endpoint_serves_when_a_member_cannot(unwell, etcd, prefix):
+    etcd.client().write(prefix + "/config", CONFIG)
+    registry = EtcdRegistry([unwell["raft"], unwell["proxy"], etcd.endpoint], prefix)
+    try:
+        assert str(registry.get_network_config("").network) == "10.10.0.0/16"
     finally:
         registry.close()
