@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from ipaddress import IPv4Network
 from typing import List, Optional, Tuple
@@ -30,6 +31,10 @@ log = logging.getLogger(__name__)
 logging.getLogger("etcd.client").setLevel(logging.CRITICAL)
 
 REQUEST_TIMEOUT = 5.0
+# while a watch only times out, look this often whether etcd's index went back below the
+# cursor (etcd restored from a backup, or wiped): such a watch would wait for an index that
+# may not come for days, and our own lease would look untouched meanwhile
+INDEX_CHECK = 60.0
 _REMOVED_ACTIONS = ("delete", "expire", "compareAndDelete")
 
 
@@ -77,6 +82,8 @@ class EtcdRegistry:
         self._clients = [_make_client(url, timeout, tls, auth) for url in self.endpoints]
         self._current = 0
         self._lock = threading.Lock()
+        self.index_check = INDEX_CHECK
+        self._index_checked: dict = {}  # watched key -> monotonic time of the last check
         self._warned_keys: set = set()
 
     def close(self) -> None:
@@ -264,7 +271,31 @@ class EtcdRegistry:
                 action, "read", key, wait=True, waitIndex=after + 1, recursive=True, timeout=timeout
             )
         except etcd.EtcdWatchTimedOut:
+            self._check_index(key, after)
             return None
+
+    def _check_index(self, key: str, after: int) -> None:
+        """Raise SnapshotNeeded when etcd's index is now below `after` (checked at most every
+        index_check seconds per watched key: one small read)."""
+        now = time.monotonic()
+        if now - self._index_checked.get(key, 0.0) < self.index_check:
+            return
+        self._index_checked[key] = now
+        index = self._current_index()
+        if index is not None and index < after:
+            raise SnapshotNeeded(
+                f"etcd's index went back from {after} to {index} (restored from a backup or "
+                "wiped?): starting over from a snapshot"
+            )
+
+    def _current_index(self) -> Optional[int]:
+        """etcd's current index, from the X-Etcd-Index of a read of one small key (any key
+        tells; a missing one answers with the index in its body)."""
+        config = keys.config_key(self.prefix, "")
+        try:
+            return self._request(f"read {config}", "read", config).etcd_index
+        except NotFoundError as exc:
+            return error_index(exc) or None
 
     def _subnet_event(self, result) -> List[Event]:
         subnet = keys.key_to_subnet(result.key or "")

@@ -2,6 +2,7 @@
 (> 1000 events behind) and after etcd was stopped and restarted, without losing events."""
 
 import json
+import shutil
 import threading
 import time
 from ipaddress import IPv4Address, IPv4Network
@@ -14,6 +15,7 @@ from flannel.subnet.etcd_registry import EtcdRegistry
 from flannel.subnet.local_manager import LocalManager
 from flannel.subnet.models import ADDED, REMOVED, Event, LeaseAttrs
 from flannel.subnet.watch import LeaseWatcher
+from tests.support.etcd import EtcdServer
 
 pytestmark = pytest.mark.needs_etcd
 
@@ -164,3 +166,35 @@ def test_etcd_restart_loses_no_event(etcd, prefix, setup, watcher_thread):
     assert [e for e in recorder.events() if e.type == REMOVED] == [Event.removed(peer.subnet)]
     assert set(watcher.known) == {later.subnet}
     assert all(e.lease.subnet != own.subnet for e in recorder.events())
+
+
+def test_an_etcd_index_gone_back_gives_a_snapshot(tmp_path):
+    """etcd wiped (or restored from an older backup) under a running watch: the watch's
+    cursor is far ahead of etcd's new index, so it would wait for days; the registry notices
+    on a time-out and the watch starts over from a snapshot, where our lease is missing."""
+    prefix = "/wiped/network"
+    with EtcdServer(tmp_path / "etcd") as server:
+        client = server.client()
+        client.write(prefix + "/config", '{"Network": "10.10.0.0/16"}')
+        for i in range(30):  # move the index well ahead
+            client.write(f"{prefix}/filler", str(i))
+        mgr = LocalManager(EtcdRegistry(server.endpoint, prefix))
+        mgr.registry.index_check = 0.0  # look at every time-out
+        lease = mgr.acquire_lease("", LeaseAttrs(IPv4Address("192.168.77.1")))
+        cursor = mgr.watch_lease("", lease.subnet, None, 1.0).cursor
+        server.stop()
+        shutil.rmtree(server.data_dir)
+        server.start()
+        server.client().write(prefix + "/config", '{"Network": "10.10.0.0/16"}')
+        result = None
+        for _ in range(5):  # the first calls may still meet etcd coming up
+            try:
+                result = mgr.watch_lease("", lease.subnet, cursor, 1.0)
+            except RegistryError:
+                time.sleep(1)
+                continue
+            if result.snapshot is not None:
+                break
+        assert result is not None and result.snapshot == ()
+        assert int(result.cursor) < int(cursor)
+        mgr.close()
