@@ -270,12 +270,15 @@ class VxlanBackend(Backend):
 
     def _remove_peer(self, subnet: IPv4Network, batch: "_Batch") -> None:
         peer = self._peers.pop(subnet, None)
+        known = peer is not None
         if peer is None:
             # not programmed by this process (e.g. before a restart): find what is there
             mac = batch.state.neighbours.get(subnet.network_address)
+            known = mac is not None
             peer = _Peer(IPv4Address(0), mac or "", False)
         self._drop_entries(subnet, peer, batch.state)
-        log.info("peer %s removed", subnet)
+        # a lease this backend never used (another BackendType, say) was never a peer here
+        log.log(logging.INFO if known else logging.DEBUG, "peer %s removed", subnet)
 
     def _drop_entries(self, subnet: IPv4Network, peer: _Peer, state: KernelState) -> None:
         netlink.remove_route(subnet, self.dev_index, state=state)
