@@ -23,6 +23,7 @@ import configargparse
 
 from flannel import __version__
 from flannel.errors import OptionsError
+from flannel.remote.listen import listen_address
 from flannel.subnet.keys import is_valid_network_name
 
 ENV_PREFIX = "FLANNELD_"
@@ -96,11 +97,7 @@ def parse_hostport(text: str) -> str:
 
 
 def parse_listen(text: str) -> str:
-    # the server's own reading of the value, so that what passes here also binds there;
-    # imported only when --listen is given, as network mode never loads the server
-    from flannel.remote.server import listen_address
-
-    listen_address(str(text))
+    listen_address(str(text))  # the server's own reading: what passes here also binds there
     return str(text)
 
 
