@@ -119,13 +119,13 @@ class RemoteManager(SubnetManager):
             # mid-handshake, our certificate refused) is retried like an unreachable server
             kind = RemoteError if _chain_has(exc, ssl.SSLCertVerificationError) else RegistryError
             raise kind(
-                f"failed to {action}: TLS with {self.base} failed: {_reason(exc)}{self._tls_hint(exc)}"
+                f"failed to {action}: TLS with {self.base} failed: {_reason(exc)}{self._cert_hint(exc)}"
             ) from exc
         except requests.exceptions.ReadTimeout:
             raise
         except requests.exceptions.RequestException as exc:
             raise RegistryError(
-                f"failed to {action}: server {self.base} unreachable: {_reason(exc)}{self._tls_hint(exc)}"
+                f"failed to {action}: server {self.base} unreachable: {_reason(exc)}{self._https_hint(exc)}"
             ) from exc
         # the latest answer decides: a server replaced by a Go one at the same address
         # must not be left with abandoned polls
@@ -141,15 +141,17 @@ class RemoteManager(SubnetManager):
         except requests.exceptions.ReadTimeout as exc:
             raise RegistryError(f"failed to {action}: server {self.base} did not answer in time") from exc
 
-    def _tls_hint(self, exc: Exception) -> str:
-        """What a TLS mismatch looks like from here, said in words: a plain-HTTP client of
-        an HTTPS server has its connection reset (not merely closed, as by a server that
-        died); a client without a certificate, where the server demands one, sees the
-        handshake fail, often with no more than an EOF."""
+    def _cert_hint(self, exc: Exception) -> str:
+        """A TLS failure of a client without a certificate, where the server demands one,
+        often says no more than EOF: say what the server may want."""
+        if self._cert is None and not _chain_has(exc, ssl.SSLCertVerificationError):
+            return " (if the server requires client certificates, give --remote-certfile and --remote-keyfile)"
+        return ""
+
+    def _https_hint(self, exc: Exception) -> str:
+        """A plain-HTTP client of an HTTPS server has its connection reset (not merely
+        closed, as by a server that died): say why."""
         if self.base.startswith("https:"):
-            if self._cert is None and not _chain_has(exc, ssl.SSLCertVerificationError):
-                return (" (if the server requires client certificates, give "
-                        "--remote-certfile and --remote-keyfile)")
             return ""
         reset = any(isinstance(e, ConnectionResetError)
                     and not isinstance(e, http.client.RemoteDisconnected) for e in _causes(exc))

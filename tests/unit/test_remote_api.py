@@ -571,3 +571,20 @@ def test_the_https_hint_only_for_a_reset_connection(reset, hinted):
     finally:
         client.close()
     assert ("serves HTTPS, give --remote-cafile" in str(refused.value)) is hinted
+
+
+def test_no_certificate_hint_when_an_https_server_is_merely_down(tmp_path):
+    import trustme
+
+    from flannel.remote.client import RemoteManager
+    from tests.support.etcd import free_port
+
+    ca = tmp_path / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(ca))
+    client = RemoteManager(f"127.0.0.1:{free_port()}", cafile=str(ca))
+    try:
+        with pytest.raises(RegistryError) as refused:
+            client.get_network_config("")
+    finally:
+        client.close()
+    assert "unreachable" in str(refused.value) and "client certificates" not in str(refused.value)
