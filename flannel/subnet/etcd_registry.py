@@ -112,7 +112,7 @@ class EtcdRegistry:
                 last = exc
                 log.debug("etcd endpoint %s failed: %s", self.endpoints[index], exc)
                 continue
-            except etcd.EtcdException as exc:
+            except (etcd.EtcdException, ValueError) as exc:  # ValueError: a non-UTF-8 page
                 if not _member_trouble(exc):
                     raise
                 # this member cannot serve now (no leader, raft trouble, a 5xx): another may
@@ -125,7 +125,8 @@ class EtcdRegistry:
                     self._current = index
                 log.info("switched to etcd endpoint %s", self.endpoints[index])
             return result
-        if isinstance(last, etcd.EtcdException) and not isinstance(last, etcd.EtcdConnectionFailed):
+        if isinstance(last, (etcd.EtcdException, ValueError)) and not isinstance(
+                last, etcd.EtcdConnectionFailed):
             raise RegistryError(
                 f"failed to {action}: no etcd endpoint of {', '.join(self.endpoints)} can serve "
                 f"now: {_etcd_message(last)}"
@@ -389,7 +390,12 @@ def _etcd_message(exc: Exception) -> str:
 def _member_trouble(exc: Exception) -> bool:
     """An answer that says this member is unwell rather than that the request is wrong:
     no leader, raft trouble, a 5xx, or a page that is not etcd's JSON (a proxy's)."""
-    payload = getattr(exc, "payload", None) or {}
+    if not isinstance(exc, etcd.EtcdException):  # a ValueError: it could not even decode the page
+        return True
+    payload = getattr(exc, "payload", None)
+    if payload is None and type(exc) is etcd.EtcdException:
+        return True  # not an etcd error answer at all (a 200 that is not etcd's JSON)
+    payload = payload or {}
     status = payload.get("status") if isinstance(payload, dict) else None
     code = payload.get("errorCode") if isinstance(payload, dict) else None
     unreadable = isinstance(payload, dict) and payload.get("message") == "Bad response"

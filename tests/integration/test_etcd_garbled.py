@@ -1,5 +1,5 @@
 """etcd members that answer but cannot serve: a raft error (errorCode 300, HTTP 500), a
-proxy's HTML error page, a page that is not even UTF-8. Each is store trouble: the registry
+proxy's HTML error page, a page that is not even UTF-8, a 200 that is not etcd's JSON. Each is store trouble: the registry
 moves on to the next endpoint, and when none can serve it raises a RegistryError, retried
 like an outage, never an exception that ends the daemon. The unwell "members" are plain HTTP
 servers on loopback; the healthy one is a real etcd."""
@@ -17,6 +17,7 @@ ANSWERS = {
     "raft": (500, "application/json", b'{"errorCode":300,"message":"Raft Internal Error","index":9}'),
     "proxy": (503, "text/html", b"<html><body>Service Unavailable</body></html>"),
     "latin1": (502, "text/html; charset=iso-8859-1", "Passerelle défaillante".encode("latin-1")),
+    "html200": (200, "text/html", b"<html><body>Welcome to the proxy</body></html>"),
 }
 
 
@@ -63,7 +64,7 @@ def test_a_member_that_cannot_serve_is_a_registry_error(unwell, kind):
 
 def test_the_next_endpoint_serves_when_a_member_cannot(unwell, etcd, prefix):
     etcd.client().write(prefix + "/config", CONFIG)
-    registry = EtcdRegistry([unwell["raft"], unwell["proxy"], etcd.endpoint], prefix)
+    registry = EtcdRegistry([unwell[kind] for kind in sorted(ANSWERS)] + [etcd.endpoint], prefix)
     try:
         assert str(registry.get_network_config("").network) == "10.10.0.0/16"
     finally:
