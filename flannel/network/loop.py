@@ -215,6 +215,10 @@ class NetworkLoop:
         if self.settings.ip_masq:
             self.masquerade.setup(config.network, lease.subnet)
             self._masq_on = (config.network, lease.subnet)
+        if self.stop.is_set():
+            # stopped while the data path was set up (the run's own shutdown removes it): a
+            # retired network's file, removed meanwhile, must not come back
+            return
         env = SubnetEnv(config.network, lease.subnet, self.backend.mtu, self.settings.ip_masq)
         write_subnet_env(self.settings.subnet_file, env)
         log.info("%s: wrote %s (subnet %s, MTU %d)", self.settings.label,
@@ -378,6 +382,9 @@ class NetworkLoop:
         """Stop the backend and remove masquerade rules (once, from whichever thread comes
         first); the lease stays in etcd and the subnet file stays for a restart."""
         if not self._shutdown_lock.acquire(timeout=1.0):
+            # the run thread holds it (publishing): its own shutdown, when it sees the stop,
+            # removes what it set up
+            log.debug("%s: shutdown left to the network's own thread", self.settings.label)
             return
         try:
             if self._shut:

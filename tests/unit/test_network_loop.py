@@ -452,6 +452,30 @@ def test_a_stop_during_a_slow_acquire_publishes_nothing(tmp_path, stop):
     assert FakeBackend.instances[-1].started == []
 
 
+def test_a_stop_while_the_data_path_starts_writes_no_subnet_file(tmp_path, stop):
+    """The supervisor retires a network while its backend is starting (shutdown() then gives
+    up on the lock the publishing thread holds, and the file is removed): the file does not
+    come back, and the thread's own shutdown removes the rules and stops the backend."""
+    manager = FakeManager()
+    manager.configs[""] = CONFIG
+
+    class SlowStart(FakeBackend):
+        def start(self, lease, stop_event):
+            super().start(lease, stop_event)
+            stop.set()  # the stop arrives while the data path is being set up
+
+    masq = FakeMasq()
+    loop, events = make_loop(tmp_path, manager, stop, ip_masq=True, masquerade=masq)
+    loop.backend_factory = lambda type_name, ext, config: SlowStart(ext, config)
+    thread = run_thread(loop)
+    thread.join(5)
+    assert not thread.is_alive()
+    assert not (tmp_path / "subnet.env").exists() and not events.ready
+    backend = FakeBackend.instances[-1]
+    assert backend.started and backend.stopped == 1
+    assert [c[0] for c in masq.calls] == ["setup", "teardown"]
+
+
 # -- config, acquire, publish ------------------------------------------------------------
 
 
