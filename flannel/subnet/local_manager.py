@@ -153,7 +153,6 @@ class LocalManager(SubnetManager):
             (r for r in raws if r.lease.attrs.public_ip == attrs.public_ip),
             key=lambda r: (not r.lease.is_reservation, r.lease.subnet != prefer),
         )
-        deleted = set()
         try:
             for i, raw in enumerate(own):
                 if config.in_range(raw.lease.subnet):
@@ -165,9 +164,9 @@ class LocalManager(SubnetManager):
                     raw.lease.subnet, attrs.public_ip,
                 )
                 self.registry.delete_subnet(network, raw.lease.subnet, prev_index=raw.modified_index)
-                deleted.add(raw.lease.subnet)
-            # a lease just deleted must not block the candidates it overlaps
-            taken = [r.lease.subnet for r in raws if r.lease.subnet not in deleted]
+            # here every lease of ours was deleted (none fits the config): none may block
+            # the candidates it overlaps
+            taken = [r.lease.subnet for r in raws if r.lease.attrs.public_ip != attrs.public_ip]
             return self._allocate(network, config, attrs, prefer, taken)
         except (CompareFailed, NotFoundError) as exc:
             log.debug("compare-and-swap lost: %s", exc)

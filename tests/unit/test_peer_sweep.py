@@ -3,7 +3,8 @@ kernel dump count as left behind by departed peers, and that nothing else is tou
 own subnet, current peers, routes outside the overlay, other links, routes without a
 gateway), and the sweep a backend's start makes of the peer routes another backend of the
 network left (a backend switch). The same sweeps run against a real kernel in
-tests/integration/test_peer_sweep.py and tests/integration/test_backend_switch.py."""
+tests/integration/test_peer_sweep.py, and a switch of real daemons in
+tests/e2e/test_e2e_backend_switch.py."""
 
 from ipaddress import IPv4Address, IPv4Network
 
