@@ -82,20 +82,19 @@ def _present(rule: list) -> bool:
     raise _failed(args, proc)
 
 
-def _stale_rules(network: IPv4Network, keep: list) -> list:
-    """Our rules for `network` that are not in `keep`: e.g. the RETURN rule for the subnet
-    held before a kill -9 and a restart with another lease. Other networks' rules stay."""
+def _listed_rules(network: IPv4Network) -> list:
+    """Our rules for `network` as the chain holds them, in order (`iptables -S` prints them
+    as masquerade_rules spells them). Other networks' rules are not ours to touch."""
     n = str(network)
-    stale = []
+    listed = []
     for line in _iptables("-S", CHAIN).splitlines():
         words = shlex.split(line)
         if words[:2] != ["-A", CHAIN] or COMMENT not in words:
             continue
         rule = words[2:]
-        source = rule[rule.index("-s") + 1] if "-s" in rule else None
-        if source == n and rule not in keep:
-            stale.append(rule)
-    return stale
+        if "-s" in rule and rule[rule.index("-s") + 1] == n:
+            listed.append(rule)
+    return listed
 
 
 def _delete_all(rule: list) -> int:
@@ -110,10 +109,12 @@ def _delete_all(rule: list) -> int:
 def setup_masquerade(network: IPv4Network, subnet: IPv4Network) -> None:
     """Install the masquerade rules for `network` with our `subnet`; no-op when present."""
     rules = masquerade_rules(network, subnet)
-    for rule in _stale_rules(network, rules):
+    listed = _listed_rules(network)
+    # e.g. the RETURN rule for the subnet held before a kill -9 and a restart with another lease
+    for rule in (r for r in listed if r not in rules):
         _iptables("-D", CHAIN, *rule)
         log.info("removed a stale ip-masq rule: %s", " ".join(rule))
-    if all(_present(rule) for rule in rules):
+    if all(rule in listed for rule in rules):
         log.debug("ip-masq rules for %s already present", network)
         return
     # a partial set (an older run, someone's edit) is rebuilt so the order is right
